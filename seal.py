@@ -278,11 +278,11 @@ def evaluate_phase(run, m, domain, phase, jobs, cfg):
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
-def m_step(m, records, cfg, phase):
+def m_step(m, records, cfg, phase, eot_id):
     """ReST-EM M-step: supervised LoRA fine-tune on the kept (prompt, self-edit) pairs, merged into the
     weights (official ARC: r16 alpha16, lr 5e-5, 8 epochs, batch 5, cosine, loss on the self-edit only)."""
     import lora
-    examples = [(r["prompt_ids"], r["ids"] + [r["eot"]]) for r in records]
+    examples = [(r["prompt_ids"], r["ids"] + [eot_id]) for r in records]
     adapter = lora.inject(m, r=cfg.sft_rank, alpha=cfg.sft_alpha, targets=cfg.lora_targets.split(","),
                           seed=stable_seed(cfg.seed, phase))
     res = lora.train(m, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
@@ -296,7 +296,7 @@ def m_step(m, records, cfg, phase):
 
 
 def run(cfg: RunConfig):
-    import arc
+    import arc_domain
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}[cfg.dtype]
@@ -305,7 +305,7 @@ def run(cfg: RunConfig):
     print(f"run folder {run_dir.dir}; model {cfg.model} on {device} ({dtype}); domain {cfg.domain}/{cfg.split}",
           flush=True)
     m, tok = model_lib.load(cfg.model, device=device, dtype=dtype)
-    domain = {"arc": arc.ArcDomain}[cfg.domain](cfg, tok)
+    domain = {"arc": arc_domain.ArcDomain}[cfg.domain](cfg, tok)
     rows = cfg.rows.split(",")
     phases = {}  # row name -> evaluation records
 
@@ -316,8 +316,6 @@ def run(cfg: RunConfig):
     def sampled(row, items, n):
         jobs = run_dir.samples(row, lambda: sample_self_edits(m, tok, domain, items, n, cfg, row))
         recs = evaluate_phase(run_dir, m, domain, row, jobs, cfg)
-        for r in recs:
-            r["eot"] = domain.eot_id
         valid = sum(r.get("valid", True) for r in recs)
         print(f"[{row}] valid self-edits {valid}/{len(recs)}, mean reward "
               f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
@@ -343,7 +341,7 @@ def run(cfg: RunConfig):
             print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
             domain.release(m)  # drop the inner-loop adapter before changing the weights
             if kept:
-                m_step(m, kept, cfg, f"rl{r}")
+                m_step(m, kept, cfg, f"rl{r}", domain.eot_id)
             model_lib.save(m, policy_dir, tokenizer_dir=model_lib.resolve(cfg.model))
             (policy_dir / "DONE").write_text("ok\n")
         phases["seal"] = sampled("seal", domain.eval_items, cfg.eval_samples)

@@ -1,0 +1,103 @@
+"""The ReST-EM loop end to end on a tiny random model, and resume after a crash."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import arc_domain
+import model
+import seal
+from conftest import LLAMA, random_model
+
+SPLIT = {"rl": ["6150a2bd"], "eval": ["5582e5ca"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random Llama with the real SmolLM2 tokenizer (so chat formatting and parsing are real)."""
+    d = tmp_path_factory.mktemp("tiny")
+    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
+               tokenizer_dir=smollm2_dir)
+    (d / "split.json").write_text(json.dumps(SPLIT))
+    return d
+
+
+def config(tiny_dir, out, **kw):
+    base = dict(model=str(tiny_dir), split=str(tiny_dir / "split.json"), out=str(out), fmt="compact",
+                rl_samples=2, eval_samples=1, se_max_tokens=24, max_examples=4, warmup=1, sft_epochs=1)
+    return seal.RunConfig(**{**base, **kw})
+
+
+def keep_all(self, records):  # a random model never earns a reward: keep everything so the M-step runs
+    return records
+
+
+def test_end_to_end_smoke(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(arc_domain.ArcDomain, "select", keep_all)
+    res = seal.run(config(tiny_dir, tmp_path / "run"))
+    assert [r["row"] for r in res["rows"]] == ["icl", "base", "seal", "oracle"]
+    assert {r["row"]: r["total"] for r in res["rows"]} == {"icl": 1, "base": 1, "seal": 1, "oracle": 1}
+    recs = [json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert sorted({r["phase"] for r in recs}) == ["base", "icl", "oracle", "rl1", "seal"]
+    assert len([r for r in recs if r["phase"] == "rl1"]) == 2
+    oracle = next(r for r in recs if r["phase"] == "oracle")
+    assert oracle["valid"] and oracle["train"]["steps"] > 0  # the fixed config trains
+    assert (tmp_path / "run" / "policy-round1" / "DONE").exists()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(arc_domain.ArcDomain, "select", keep_all)
+    evaluate = arc_domain.ArcDomain.evaluate
+    calls = []
+
+    def counting(self, m, item, text, seed):
+        calls.append((item, seed))
+        if len(calls) == 4 and crash[0]:
+            raise KeyboardInterrupt("injected failure")
+        return evaluate(self, m, item, text, seed)
+
+    monkeypatch.setattr(arc_domain.ArcDomain, "evaluate", counting)
+    crash = [True]
+    with pytest.raises(KeyboardInterrupt):
+        seal.run(config(tiny_dir, tmp_path / "a"))
+    done_before = len((tmp_path / "a" / "evals.jsonl").read_text().splitlines())
+    assert done_before == 3
+    crash[0] = False
+    calls.clear()
+    resumed = seal.run(config(tiny_dir, tmp_path / "a"))
+    assert len(calls) == 6 - done_before and len(set(calls)) == len(calls)  # nothing evaluated twice
+    calls.clear()
+    straight = seal.run(config(tiny_dir, tmp_path / "b"))
+    assert len(calls) == 6
+    assert resumed["rows"] == straight["rows"]
+    a = [json.loads(x) for x in (tmp_path / "a" / "evals.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "evals.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "train")}
+    key = lambda r: (r["phase"], r["item"], r["k"])
+    assert sorted(map(strip, a), key=key) == sorted(map(strip, b), key=key)
+
+
+def test_a_run_folder_refuses_other_settings(tiny_dir, tmp_path):
+    seal.RunFolder(config(tiny_dir, tmp_path))
+    with pytest.raises(SystemExit, match="other settings"):
+        seal.RunFolder(config(tiny_dir, tmp_path, seed=1))
+
+
+def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
+    run = seal.RunFolder(config(tiny_dir, tmp_path))
+    run.log({"phase": "icl", "item": "x", "k": 0, "reward": 1.0})
+    with open(run.evals_file, "a") as f:
+        f.write('{"phase": "icl", "item": "y", "k": 0, "rew')
+    again = seal.RunFolder(config(tiny_dir, tmp_path))
+    assert list(again.done) == [("icl", "x", 0)]
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = seal.parse_overrides(seal.RunConfig(), ["--rounds=2", "--sft_lr=1e-4", "--guide_json=false"])
+    assert (cfg.rounds, cfg.sft_lr, cfg.guide_json) == (2, 1e-4, False)
+    with pytest.raises(SystemExit, match="unknown setting --roundz"):
+        seal.parse_overrides(seal.RunConfig(), ["--roundz=2"])
+    with pytest.raises(SystemExit, match="expects int"):
+        seal.parse_overrides(seal.RunConfig(), ["--rounds=two"])
