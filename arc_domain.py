@@ -124,7 +124,7 @@ def filter_tasks(argv):
         ids = opts["ids"].split(",")
     else:  # every ARC-AGI-1 task whose grids are all at most max_side x max_side
         max_side = int(opts.get("max_side", 6))
-        pool = arc.load_tasks(list(arc._arc1()["train"]) + list(arc._arc1()["eval"]))
+        pool = arc.load_tasks(list(arc._arc1()))
         ids = [i for i, t in pool.items() if max(max(g.shape) for p in t.train + t.test for g in p) <= max_side]
     m, tok = model_lib.load(cfg.model)
     dom = ArcDomain.__new__(ArcDomain)
@@ -138,8 +138,11 @@ def filter_tasks(argv):
             edit = arc.SelfEdit(True, False, False, False, "output", float(lr), int(ep))
             t0 = time.time()
             r = dom.evaluate(m, i, edit.to_json(), seed=cfg.seed)
-            row.append(f"{c}={int(r['reward'])} ({time.time() - t0:.0f}s)")
-        print(f"{i}: " + "  ".join(row), flush=True)
+            flat = lambda g: "/".join("".join(map(str, row)) for row in g)
+            got = " or ".join(flat(a) for a in r["attempts"][0])
+            row.append(f"{c}={int(r['reward'])} ({time.time() - t0:.0f}s; said {got})")
+        truth = "/".join("".join(map(str, row)) for row in dom.tasks[i].test[0][1].tolist())
+        print(f"{i} (truth {truth}): " + "  ".join(row), flush=True)
 
 
 if __name__ == "__main__":

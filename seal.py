@@ -114,7 +114,6 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # cuda if available, else cpu
     dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (the dtype policy: lora.py keeps adapters fp32)
-    compile: bool = False           # torch.compile the training forward (GPU)
     rows: str = "icl,base,seal,oracle"  # which rows of the results table to produce
     # ReST-EM outer loop (paper section 3.1; official ARC values, seal-reference 1.7)
     rounds: int = 1
@@ -148,7 +147,7 @@ class RunConfig:
     # settings that change results: a run folder refuses to resume under different values
     @property
     def fingerprint(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device", "compile")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device")}
 
 
 def parse_overrides(cfg, argv):
