@@ -26,6 +26,19 @@ import seal
 DATA = Path(__file__).parent / "data" / "arc"
 
 
+def self_edit_template(lr_options):
+    """The self-edit schema with holes, for seal.sample_template. SmolLM2-135M wrote 0 valid self-edits of 8
+    freely, even with the skeleton's first key given (it invents keys, writes 0.1 for booleans): a self-edit
+    that never parses earns no reward and ReST-EM has nothing to learn from. Forcing the keys keeps the
+    choices, the part SEAL learns, with the model."""
+    b = ["true", "false"]
+    return [('{"data_generation": {"use_basic_augmentations": ', b), (', "use_size_augmentations": ', b),
+            (', "use_chain_augmentations": ', b), (', "use_repeat_augmentations": ', b),
+            ('}, "training": {"strategy": ', ['"train_using_all_tokens"', '"train_using_output_tokens"']),
+            (', "learning_rate": ', list(lr_options)), (', "num_train_epochs": ', ["1", "2", "3", "4", "5"]),
+            ("}}", None)]
+
+
 class ArcDomain:
     # the rows of the paper's Table 1: (row key, method, paper success rate %)
     rows = [("icl", "ICL (no adaptation)", "0"), ("base", "TTT + self-edit (w/o prior RL)", "20"),
@@ -40,13 +53,16 @@ class ArcDomain:
         self.rl_items = split["rl"]
         self.eval_items = split.get("eval_scored", split["eval"])  # paper: the 8 scored tasks, so k/40
         self.tasks = arc.load_tasks(self.rl_items + self.eval_items)
-        self.answer_prefix = arc.SKELETON_PREFIX if cfg.guide_json else ""
+        if cfg.se_mode not in ("free", "prefix", "schema"):
+            raise SystemExit(f"--se_mode={cfg.se_mode!r}: expected free, prefix or schema")
+        self.answer_prefix = arc.SKELETON_PREFIX if cfg.se_mode == "prefix" else ""
+        self.template = self_edit_template(cfg.se_lr_options.split(",")) if cfg.se_mode == "schema" else None
         self.eot_id = tok.eos_id
         self.adapter = None
 
     def prompt_ids(self, item):
-        """The self-edit prompt. With guide_json the answer already starts with the JSON skeleton's first key,
-        which a 135M model needs to write valid JSON at all; the prefix is part of the parsed self-edit."""
+        """The self-edit prompt. In "prefix" mode the answer already starts with the JSON skeleton's first key;
+        the prefix is part of the parsed self-edit."""
         msgs = arc.self_edit_prompt(self.tasks[item], self.cfg.fmt, self.cfg.lr_hint)
         return self.tok.encode(self.tok.chat(msgs) + self.answer_prefix)
 
@@ -128,7 +144,7 @@ def filter_tasks(argv):
         ids = [i for i, t in pool.items() if max(max(g.shape) for p in t.train + t.test for g in p) <= max_side]
     m, tok = model_lib.load(cfg.model)
     dom = ArcDomain.__new__(ArcDomain)
-    dom.cfg, dom.tok, dom.adapter, dom.eot_id, dom.answer_prefix = cfg, tok, None, tok.eos_id, ""
+    dom.cfg, dom.tok, dom.adapter, dom.eot_id, dom.answer_prefix, dom.template = cfg, tok, None, tok.eos_id, "", None
     dom.tasks = arc.load_tasks(ids)
     print(f"{len(ids)} candidate tasks; configs lr:epochs {configs}", flush=True)
     for i in ids:

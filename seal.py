@@ -83,6 +83,50 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     return out
 
 
+@torch.no_grad()
+def sample_template(m, tok, prompt, template, n=1, temperature=1.0, seed=0):
+    """Fill-in sampling for structured answers a small model cannot write freely. template: a list of
+    (fixed_text, options): the fixed text is forced, then one option is sampled from the model's own
+    probability of each option's tokens, renormalised over the options (at `temperature`; 0 takes the most
+    likely). The policy is still the model's, restricted to valid answers, so ReST-EM can sharpen it.
+    Returns n token-id lists (the answer after the prompt)."""
+    dev = m.lm_head.weight.device
+    enc = lambda s: tok.encode(s) if s else []
+    room = len(prompt) + sum(len(enc(f)) + max((len(enc(o)) for o in opts or [""]), default=0)
+                             for f, opts in template) + 1
+    cache = m.new_cache(1, room)
+    h = m.hidden(torch.tensor([prompt], device=dev), cache=cache)[:, -1]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    outs = []
+    for _ in range(n):
+        c, last, ids = cache.repeat(1), h, []
+        for fixed, options in template:
+            f_ids = enc(fixed)
+            if f_ids:
+                last = m.hidden(torch.tensor([f_ids], device=dev), cache=c)[:, -1]
+                ids += f_ids
+            if not options:
+                continue
+            o_ids = [enc(o) for o in options]
+            L = max(map(len, o_ids))
+            rows = torch.tensor([o + [tok.pad_id] * (L - len(o)) for o in o_ids], device=dev)
+            first = torch.log_softmax(m.lm_head(last).float(), -1)[0]  # the option's first token
+            logp = first[rows[:, 0]]
+            if L > 1:  # the rest of each option, all options side by side in one batch
+                rest = torch.log_softmax(m(rows[:, :-1], cache=c.repeat(len(options))), -1)
+                tok_lp = rest.gather(-1, rows[:, 1:, None])[..., 0]
+                mask = torch.tensor([[t < len(o) for t in range(1, L)] for o in o_ids], device=dev)
+                logp = logp + (tok_lp * mask).sum(-1)
+            if temperature <= 0:
+                j = int(logp.argmax())
+            else:
+                j = int(torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=gen))
+            last = m.hidden(torch.tensor([o_ids[j]], device=dev), cache=c)[:, -1]
+            ids += o_ids[j]
+        outs.append(ids)
+    return outs
+
+
 def cut_at_stop(text, stop):
     for s in stop:
         if s in text:
@@ -141,7 +185,9 @@ class RunConfig:
     oracle: str = '{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, ' \
                   '"use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": ' \
                   '{"strategy": "train_using_output_tokens", "learning_rate": 1e-4, "num_train_epochs": 2}}'
-    guide_json: bool = True         # start the self-edit answer with the JSON skeleton (helps small models)
+    se_mode: str = "free"           # "free": the model writes the JSON (official); "prefix": its answer starts with
+                                    # the skeleton's first key; "schema": keys forced, values sampled among valid ones
+    se_lr_options: str = "1e-5,3e-5,1e-4,3e-4,1e-3"  # the learning rates offered in schema mode
     eval_batch: int = 32
 
     # settings that change results: a run folder refuses to resume under different values
@@ -245,9 +291,15 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase):
     prompts = [domain.prompt_ids(it) for it in items]
     t0 = time.time()
     outs = []
-    for i in range(0, len(prompts), max(1, cfg.eval_batch // n)):
-        outs += generate_ids(m, tok, prompts[i:i + max(1, cfg.eval_batch // n)], cfg.se_max_tokens,
-                             cfg.se_temperature, cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
+    if domain.template is not None:
+        for i, p in enumerate(prompts):
+            outs += sample_template(m, tok, p, domain.template, n, cfg.se_temperature,
+                                    seed=stable_seed(cfg.seed, phase, items[i]))
+    else:
+        step = max(1, cfg.eval_batch // n)
+        for i in range(0, len(prompts), step):
+            outs += generate_ids(m, tok, prompts[i:i + step], cfg.se_max_tokens, cfg.se_temperature,
+                                 cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
     dt = time.time() - t0
     ntok = sum(map(len, outs))
     print(f"[{phase}] sampled {len(outs)} self-edits in {fmt_time(dt)} ({ntok / dt:.0f} tok/s)", flush=True)

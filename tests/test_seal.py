@@ -95,9 +95,39 @@ def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = seal.parse_overrides(seal.RunConfig(), ["--rounds=2", "--sft_lr=1e-4", "--guide_json=false"])
-    assert (cfg.rounds, cfg.sft_lr, cfg.guide_json) == (2, 1e-4, False)
+    cfg = seal.parse_overrides(seal.RunConfig(), ["--rounds=2", "--sft_lr=1e-4", "--se_mode=schema"])
+    assert (cfg.rounds, cfg.sft_lr, cfg.se_mode) == (2, 1e-4, "schema")
     with pytest.raises(SystemExit, match="unknown setting --roundz"):
         seal.parse_overrides(seal.RunConfig(), ["--roundz=2"])
     with pytest.raises(SystemExit, match="expects int"):
         seal.parse_overrides(seal.RunConfig(), ["--rounds=two"])
+
+
+def test_schema_mode_samples_only_valid_self_edits(tiny_dir, tmp_path, monkeypatch):
+    import arc
+    monkeypatch.setattr(arc_domain.ArcDomain, "select", keep_all)
+    seal.run(config(tiny_dir, tmp_path, se_mode="schema", rows="base", eval_samples=3))
+    recs = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(arc.parse_self_edit(r["text"])[0] is not None for r in recs)
+    assert all(r["valid"] or "step cap" in r["reason"] for r in recs)
+
+
+def test_template_sampling_follows_the_models_probabilities(tiny_dir):
+    m, tok = model.load(str(tiny_dir))
+    prompt = tok.encode("Pick one:")
+    options = ["true", "false", "3e-3", "1e-4"]
+    template = [(" answer=", options), ("!", None)]
+    # reference: the full-sequence log-probability of each option, one forward each
+    scores = []
+    for o in options:
+        ids = prompt + tok.encode(" answer=") + tok.encode(o)
+        with torch.no_grad():
+            lp = torch.log_softmax(m(torch.tensor([ids]))[0], -1)
+        n = len(tok.encode(o))
+        scores.append(sum(lp[len(ids) - n - 1 + t, ids[len(ids) - n + t]].item() for t in range(n)))
+    best = options[max(range(len(options)), key=scores.__getitem__)]
+    greedy = seal.sample_template(m, tok, prompt, template, n=1, temperature=0)[0]
+    assert tok.decode(greedy) == f" answer={best}!"
+    drawn = [tok.decode(x) for x in seal.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
+    assert all(d in {f" answer={o}!" for o in options} for d in drawn)
+    assert len(set(drawn)) > 1
