@@ -163,7 +163,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, doc_lens=None):
         B, T, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
@@ -175,10 +175,12 @@ class Attention(nn.Module):
             cache.k[self.layer_idx, :, :, cache.len:end] = k
             cache.v[self.layer_idx, :, :, cache.len:end] = v
             k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
-        if c.n_kv_heads != c.n_heads:  # grouped-query attention: each kv head serves n_heads // n_kv_heads queries
-            k = k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
-            v = v.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        gqa = c.n_kv_heads != c.n_heads  # each kv head serves n_heads // n_kv_heads queries, without copies
+        if doc_lens is not None:  # a packed row: one causal attention per document, no (T, T) mask to pay for
+            y = torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
+                           for qd, kd, vd in zip(q.split(doc_lens, 2), k.split(doc_lens, 2), v.split(doc_lens, 2))], 2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
 
@@ -201,8 +203,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, doc_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, doc_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,9 +224,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # a plain attribute, not a buffer: m.to(bfloat16) must not round the rotary frequencies
+        self.inv_freq = rope_inv_freq(cfg)
 
-    def hidden(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None):
+    def hidden(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None, doc_lens=None):
         """Final-normed hidden states (B, T, dim).
 
         input_pos: (B, T) rotary positions. Default: 0..T-1 (after cache.len with a cache), or restarting at
@@ -233,11 +236,18 @@ class Transformer(nn.Module):
                    of several examples computes exactly what each example computes alone (no pad tokens).
         cache:     a KVCache; the new keys/values are written at cache.len and cache.len advances by T.
         valid:     (B, T) bool, False at left-padding tokens: no other token attends to them.
+        doc_lens:  the same packing as doc_ids for a single row (B == 1), given as document lengths: attention
+                   then runs per document, which is much cheaper than masking the whole row (lora.py uses it).
         """
         B, T = idx.shape
         dev = idx.device
-        if cache is not None and doc_ids is not None:
-            raise ValueError("packing (doc_ids) is for training; it cannot be combined with a KV cache")
+        if cache is not None and (doc_ids is not None or doc_lens is not None):
+            raise ValueError("packing (doc_ids/doc_lens) is for training; it cannot be combined with a KV cache")
+        if doc_lens is not None:
+            if B != 1 or sum(doc_lens) != T:
+                raise ValueError(f"doc_lens must cover one row exactly: sum {sum(doc_lens)} for shape {(B, T)}")
+            if input_pos is None:
+                input_pos = torch.cat([torch.arange(n, device=dev) for n in doc_lens])[None]
         start = cache.len if cache is not None else 0
         ar = torch.arange(T, device=dev)
         if input_pos is None:
@@ -263,18 +273,20 @@ class Transformer(nn.Module):
             mask = m if mask is None else mask & m
         if mask is not None:
             mask = mask[:, None]  # broadcast over heads
+        if self.inv_freq.device != dev:
+            self.inv_freq = self.inv_freq.to(dev)
         freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         x = self.model.embed_tokens(idx)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, doc_lens)
         if cache is not None:
             cache.len += T
         return self.model.norm(x)
 
-    def forward(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None):
-        return self.lm_head(self.hidden(idx, input_pos, doc_ids, cache, valid)).float()
+    def forward(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None, doc_lens=None):
+        return self.lm_head(self.hidden(idx, input_pos, doc_ids, cache, valid, doc_lens)).float()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

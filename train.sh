@@ -50,10 +50,11 @@ case "$cmd" in
     setup
     if has_gpu; then  # the paper's setting (seal-reference.md section 1): Llama-3.2-1B-Instruct, bf16
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
-    else  # SmolLM2-135M on 2 CPU cores in about half an hour (README: "The tiny preset")
-      preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --rl_samples=4
-              --eval_samples=2 --lr_hint="between 1e-4 and 1e-2" --max_examples=24 --warmup=2 --sft_lr=1e-3
-              --sft_epochs=4)
+    else  # SmolLM2-135M on 2 CPU cores (README: "The tiny preset")
+      preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema
+              --se_lr_options=3e-4,1e-3,3e-3 --rl_samples=3 --eval_samples=2 --max_examples=24 --warmup=2
+              --sft_lr=1e-3
+              --oracle='{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, "use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": {"strategy": "train_using_output_tokens", "learning_rate": 3e-3, "num_train_epochs": 2}}')
     fi
     exec "$PY" seal.py run --domain=arc "${preset[@]}" "$@" ;;
   *)

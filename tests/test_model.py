@@ -72,9 +72,11 @@ def test_packed_rows_equal_separate_documents():
     doc = torch.tensor([[0] * 7 + [1] * 30 + [2] * 12])
     with torch.no_grad():
         packed = m(row, doc_ids=doc)
+        by_lens = m(row, doc_lens=[7, 30, 12])
         alone = torch.cat([m(a), m(b), m(c)], 1)
         unpacked = m(row)  # without doc_ids the documents see each other: must differ
     assert (packed - alone).abs().max() < 1e-4
+    assert (by_lens - alone).abs().max() < 1e-4
     assert (unpacked - alone).abs().max() > 1e-2
 
 
@@ -156,6 +158,7 @@ def test_bf16_load_keeps_dtype(saved):
     m, _ = model.load(str(saved), dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.inv_freq.dtype == torch.float32  # rotary angles stay fp32
+    assert random_model(LLAMA).to(torch.bfloat16).inv_freq.dtype == torch.float32  # also after a plain .to()
 
 
 # --- the real offline model ------------------------------------------------------------------------------
