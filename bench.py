@@ -49,14 +49,8 @@ class Bench:
 
 
 def parse_args(argv) -> Bench:
-    cfg = Bench()
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or not hasattr(cfg, key):
-            sys.exit(f"unknown argument {arg!r}; known: " + " ".join(f"--{k}=" for k in asdict(cfg)))
-        typ = type(getattr(cfg, key))
-        setattr(cfg, key, val.lower() in ("1", "true", "yes") if typ is bool else typ(val))
-    return cfg
+    from seal import parse_overrides  # the project's one --key=value parser (typed, unknown keys refused)
+    return parse_overrides(Bench(), argv)
 
 
 def arc_like(cfg: Bench, vocab: int):
