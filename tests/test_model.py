@@ -179,3 +179,20 @@ def test_real_model_nll_matches_transformers(smollm2_dir):
         ref = ref_model(ids, labels=ids).loss.item()
     assert abs(ours - ref) < 1e-3
     assert 1.5 < ours < 3.0, ours  # ~2.15 when the conversion is right, ~3.96 when Q/K are permuted
+
+
+def test_sharded_checkpoint_loads(saved):
+    """model.safetensors.index.json + several files, as large hub checkpoints are stored."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(saved / "model.safetensors")
+    (saved / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, saved / name)
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    m, _ = model.load(str(saved))
+    loaded = m.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
