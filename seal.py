@@ -381,20 +381,22 @@ def run(cfg: RunConfig):
     if "seal" in rows:
         for r in range(1, cfg.rounds + 1):
             policy_dir = run_dir.dir / f"policy-round{r}"
-            if (policy_dir / "DONE").exists():
-                domain.release(m)
-                del m
-                m, _ = model_lib.load(str(policy_dir), device=device, dtype=dtype)
-                print(f"[rl{r}] policy loaded from {policy_dir}", flush=True)
+            if (policy_dir / "DONE").exists():  # resume: this round's M-step is done
+                if (policy_dir / "DONE").read_text().strip() == "ok":  # else "unchanged": nothing was kept
+                    domain.release(m)
+                    del m
+                    m, _ = model_lib.load(str(policy_dir), device=device, dtype=dtype)
+                    print(f"[rl{r}] policy loaded from {policy_dir}", flush=True)
                 continue
             recs = sampled(f"rl{r}", domain.rl_items, cfg.rl_samples)
             kept = domain.select(recs)  # E-step filter: ARC keeps every self-edit with reward 1
             print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
-            domain.release(m)  # drop the inner-loop adapter before changing the weights
+            policy_dir.mkdir(exist_ok=True)
             if kept:
+                domain.release(m)  # drop the inner-loop adapter before changing the weights
                 m_step(m, kept, cfg, f"rl{r}", domain.eot_id)
-            model_lib.save(m, policy_dir, tokenizer_dir=model_lib.resolve(cfg.model))
-            (policy_dir / "DONE").write_text("ok\n")
+                model_lib.save(m, policy_dir, tokenizer_dir=model_lib.resolve(cfg.model))
+            (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
         phases["seal"] = sampled("seal", domain.eval_items, cfg.eval_samples)
     return report(run_dir, cfg, domain, phases)
 

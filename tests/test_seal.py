@@ -131,3 +131,11 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
     drawn = [tok.decode(x) for x in seal.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
     assert all(d in {f" answer={o}!" for o in options} for d in drawn)
     assert len(set(drawn)) > 1
+
+
+def test_a_round_that_keeps_nothing_saves_no_weights(tiny_dir, tmp_path):
+    cfg = config(tiny_dir, tmp_path, rows="seal", se_mode="schema")
+    first = seal.run(cfg)  # a random model solves nothing, so the E-step keeps nothing
+    policy = tmp_path / "policy-round1"
+    assert (policy / "DONE").read_text() == "unchanged\n" and not (policy / "model.safetensors").exists()
+    assert seal.run(cfg)["rows"] == first["rows"]  # and a resume goes straight through
