@@ -57,13 +57,16 @@ class ArcDomain:
             raise SystemExit(f"--se_mode={cfg.se_mode!r}: expected free, prefix or schema")
         self.answer_prefix = arc.SKELETON_PREFIX if cfg.se_mode == "prefix" else ""
         self.template = self_edit_template(cfg.se_lr_options.split(",")) if cfg.se_mode == "schema" else None
+        # the prompt must offer what can be chosen: in schema mode, exactly the learning rates of the template
+        # (a first tiny run whose prompt said "between 1e-5 and 1e-3" sampled 1e-3 every time of 28)
+        self.lr_hint = ("one of " + ", ".join(cfg.se_lr_options.split(","))) if self.template else cfg.lr_hint
         self.eot_id = tok.eos_id
         self.adapter = None
 
     def prompt_ids(self, item):
         """The self-edit prompt. In "prefix" mode the answer already starts with the JSON skeleton's first key;
         the prefix is part of the parsed self-edit."""
-        msgs = arc.self_edit_prompt(self.tasks[item], self.cfg.fmt, self.cfg.lr_hint)
+        msgs = arc.self_edit_prompt(self.tasks[item], self.cfg.fmt, self.lr_hint)
         return self.tok.encode(self.tok.chat(msgs) + self.answer_prefix)
 
     def release(self, m):

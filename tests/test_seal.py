@@ -139,3 +139,10 @@ def test_a_round_that_keeps_nothing_saves_no_weights(tiny_dir, tmp_path):
     policy = tmp_path / "policy-round1"
     assert (policy / "DONE").read_text() == "unchanged\n" and not (policy / "model.safetensors").exists()
     assert seal.run(cfg)["rows"] == first["rows"]  # and a resume goes straight through
+
+
+def test_schema_prompt_offers_the_schema_learning_rates(tiny_dir):
+    m, tok = model.load(str(tiny_dir))
+    dom = arc_domain.ArcDomain(config(tiny_dir, "unused", se_mode="schema", se_lr_options="3e-4,1e-3,3e-3"), tok)
+    text = tok.decode(dom.prompt_ids("6150a2bd"))
+    assert "one of 3e-4, 1e-3, 3e-3" in text and "1e-5" not in text
