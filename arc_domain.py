@@ -10,7 +10,7 @@ ARC as a SEAL domain (paper section 4.2): what seal.py's ReST-EM loop asks of a 
 One LoRA adapter (r=128, alpha=16 on q, v, gate, up, down) is injected once and reset in place before every
 self-edit, as the official run does: no re-wrapping, no disk.
 
-    python arc_domain.py filter --ids=6150a2bd,5582e5ca   # which tasks the oracle TTT config solves (split-making)
+    python arc_domain.py filter --max_side=6 --configs=all:1e-3:1   # which tasks a TTT config solves (split-making)
 """
 import json
 import sys
@@ -134,34 +134,41 @@ class ArcDomain:
 
 
 def filter_tasks(argv):
+    """Print, per candidate task and TTT configuration, solved or not and the two attempts against the truth.
+    --configs=loss:lr:epochs,... (loss all|output), --aug=basic,size,chain,repeat (the switches turned on),
+    --ids=... or --max_side=N (every ARC-AGI-1 task whose grids are all at most N x N), --skip=ids."""
     import model as model_lib
-    cfg = seal.parse_overrides(seal.RunConfig(fmt="compact", max_examples=24, warmup=2), [
-        a for a in argv if not a.startswith(("--ids=", "--configs=", "--max_side="))])
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith(("--ids=", "--configs=", "--max_side=")))
-    configs = opts.get("configs", "3e-3:2,1e-3:3,3e-4:3").split(",")
+    mine = ("--ids=", "--configs=", "--max_side=", "--aug=", "--skip=")
+    cfg = seal.parse_overrides(seal.RunConfig(fmt="compact", max_examples=24, warmup=2),
+                               [a for a in argv if not a.startswith(mine)])
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith(mine))
+    configs = [c.split(":") for c in opts.get("configs", "output:3e-3:2,all:1e-3:1").split(",")]
+    if any(len(c) != 3 or c[0] not in ("all", "output") for c in configs):
+        raise SystemExit(f"--configs={opts['configs']!r}: expected loss:lr:epochs with loss all or output")
+    aug = opts.get("aug", "basic,size,chain,repeat").split(",")
     if "ids" in opts:
         ids = opts["ids"].split(",")
-    else:  # every ARC-AGI-1 task whose grids are all at most max_side x max_side
+    else:  # smallest grids first: they are the cheapest to train on and to answer
         max_side = int(opts.get("max_side", 6))
         pool = arc.load_tasks(list(arc._arc1()))
-        ids = [i for i, t in pool.items() if max(max(g.shape) for p in t.train + t.test for g in p) <= max_side]
+        side = {i: max(max(g.shape) for p in t.train + t.test for g in p) for i, t in pool.items()}
+        ids = sorted((i for i in pool if side[i] <= max_side), key=lambda i: side[i])
+    ids = [i for i in ids if i not in opts.get("skip", "").split(",")]
     m, tok = model_lib.load(cfg.model)
     dom = ArcDomain.__new__(ArcDomain)
     dom.cfg, dom.tok, dom.adapter, dom.eot_id, dom.answer_prefix, dom.template = cfg, tok, None, tok.eos_id, "", None
     dom.tasks = arc.load_tasks(ids)
-    print(f"{len(ids)} candidate tasks; configs lr:epochs {configs}", flush=True)
+    flat = lambda g: "/".join("".join(map(str, row)) for row in g)
+    print(f"{len(ids)} candidate tasks; configs {opts.get('configs')}; augmentations {aug}", flush=True)
     for i in ids:
         row = []
-        for c in configs:
-            lr, ep = c.split(":")
-            edit = arc.SelfEdit(True, False, False, False, "output", float(lr), int(ep))
+        for loss, lr, ep in configs:
+            edit = arc.SelfEdit(*(a in aug for a in ("basic", "size", "chain", "repeat")), loss, float(lr), int(ep))
             t0 = time.time()
             r = dom.evaluate(m, i, edit.to_json(), seed=cfg.seed)
-            flat = lambda g: "/".join("".join(map(str, row)) for row in g)
-            got = " or ".join(flat(a) for a in r["attempts"][0])
-            row.append(f"{c}={int(r['reward'])} ({time.time() - t0:.0f}s; said {got})")
-        truth = "/".join("".join(map(str, row)) for row in dom.tasks[i].test[0][1].tolist())
-        print(f"{i} (truth {truth}): " + "  ".join(row), flush=True)
+            got = " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
+            row.append(f"{loss}:{lr}:{ep}={int(r['reward'])} ({time.time() - t0:.0f}s; said {got})")
+        print(f"{i} (truth {flat(dom.tasks[i].test[0][1].tolist())}): " + "  ".join(row), flush=True)
 
 
 if __name__ == "__main__":

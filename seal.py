@@ -394,11 +394,29 @@ def run(cfg: RunConfig):
             policy_dir.mkdir(exist_ok=True)
             if kept:
                 domain.release(m)  # drop the inner-loop adapter before changing the weights
-                m_step(m, kept, cfg, f"rl{r}", domain.eot_id)
+                res = m_step(m, kept, cfg, f"rl{r}", domain.eot_id)
                 model_lib.save(m, policy_dir, tokenizer_dir=model_lib.resolve(cfg.model))
+                write_atomic(policy_dir / "m_step.json", json.dumps(
+                    {"examples": len(kept), "steps": res.steps, "losses": res.losses, "seconds": res.seconds}))
             (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
         phases["seal"] = sampled("seal", domain.eval_items, cfg.eval_samples)
     return report(run_dir, cfg, domain, phases)
+
+
+def round_summaries(run_dir, rounds):
+    """Per ReST-EM round: how many sampled self-edits were valid and rewarded, and what the M-step did."""
+    out = []
+    for r in range(1, rounds + 1):
+        recs = [v for (phase, _, _), v in run_dir.done.items() if phase == f"rl{r}"]
+        if not recs:
+            break
+        ms = run_dir.dir / f"policy-round{r}" / "m_step.json"
+        m = json.loads(ms.read_text()) if ms.exists() else None
+        out.append({"round": r, "samples": len(recs), "valid": sum(x.get("valid", True) for x in recs),
+                    "rewarded": sum(x["reward"] for x in recs),
+                    "m_step": m and {"examples": m["examples"], "steps": m["steps"],
+                                     "loss_first": (m["losses"] or [None])[0], "loss_last": (m["losses"] or [None])[-1]}})
+    return out
 
 
 def report(run_dir, cfg, domain, phases):
@@ -411,12 +429,18 @@ def report(run_dir, cfg, domain, phases):
         rows.append({"row": key, "method": label, "solved": solved, "total": len(recs),
                      "rate": solved / max(1, len(recs)), "paper": paper,
                      "valid": sum(r.get("valid", True) for r in recs)})
+    rounds = round_summaries(run_dir, cfg.rounds) if "seal" in phases else []
     result = {"domain": cfg.domain, "split": cfg.split, "model": cfg.model, "seed": cfg.seed,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "date": time.strftime("%Y-%m-%d"), "rows": rows, "rounds": rounds}
     write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
     print(f"\n{'method':<36}{'ours':>16}{'paper':>10}")
     for r in rows:
         print(f"{r['method']:<36}{r['rate'] * 100:>8.1f}% ({r['solved']:g}/{r['total']}){r['paper']:>10}")
+    for r in rounds:
+        ms = r["m_step"]
+        print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, {r['rewarded']:g} rewarded"
+              + (f"; M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['loss_first']} -> {ms['loss_last']}" if ms
+                 else "; no M-step (nothing to keep), the policy is unchanged"))
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
 

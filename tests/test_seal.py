@@ -44,7 +44,10 @@ def test_end_to_end_smoke(tiny_dir, tmp_path, monkeypatch):
     oracle = next(r for r in recs if r["phase"] == "oracle")
     assert oracle["valid"] and oracle["train"]["steps"] > 0  # the fixed config trains
     assert (tmp_path / "run" / "policy-round1" / "DONE").exists()
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"] == res["rows"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["rows"] == res["rows"]
+    (rnd,) = saved["rounds"]  # the ReST-EM round: everything kept, so the M-step trained on both
+    assert (rnd["samples"], rnd["m_step"]["examples"]) == (2, 2) and rnd["m_step"]["steps"] > 0
 
 
 def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path, monkeypatch):
@@ -138,6 +141,8 @@ def test_a_round_that_keeps_nothing_saves_no_weights(tiny_dir, tmp_path):
     first = seal.run(cfg)  # a random model solves nothing, so the E-step keeps nothing
     policy = tmp_path / "policy-round1"
     assert (policy / "DONE").read_text() == "unchanged\n" and not (policy / "model.safetensors").exists()
+    assert first["rounds"] == [{"round": 1, "samples": 2, "valid": first["rounds"][0]["valid"], "rewarded": 0,
+                                "m_step": None}]
     assert seal.run(cfg)["rows"] == first["rows"]  # and a resume goes straight through
 
 
