@@ -6,6 +6,7 @@ ARC as a SEAL domain (paper section 4.2): what seal.py's ReST-EM loop asks of a 
                                  answer the held-out test input(s) under leave-one-out views, vote, pass@2
     select(records)              the E-step filter: every self-edit whose adapted model solved the task
     release(m)                   drop the inner-loop adapter before the M-step changes the weights
+    choices(records)             what the self-edits chose (loss, learning rate, ...), counted, for the report
 
 One LoRA adapter (r=128, alpha=16 on q, v, gate, up, down) is injected once and reset in place before every
 self-edit, as the official run does: no re-wrapping, no disk.
@@ -126,6 +127,20 @@ class ArcDomain:
 
     def select(self, records):
         return [r for r in records if r["reward"] == 1]
+
+    @staticmethod
+    def choices(records):
+        """What the valid self-edits chose, counted per setting: the policy shift ReST-EM should produce."""
+        out = {"loss": {}, "learning_rate": {}, "epochs": {}, "augmentations_on": {}}
+        for r in records:
+            if "edit" not in r:
+                continue
+            t, d = r["edit"]["training"], r["edit"]["data_generation"]
+            for key, value in (("loss", t["strategy"].removeprefix("train_using_")),
+                               ("learning_rate", f"{t['learning_rate']:g}"), ("epochs", str(t["num_train_epochs"])),
+                               ("augmentations_on", str(sum(d.values())))):
+                out[key][value] = out[key].get(value, 0) + 1
+        return out
 
 
 # -----------------------------------------------------------------------------

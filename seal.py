@@ -8,7 +8,8 @@ model on them (M-step, supervised, loss on the self-edit tokens), repeat. It is 
 cloning; there is no value function, no baseline subtraction and no policy gradient.
 
 This file holds what every domain shares: batched sampling, the ReST-EM loop with its run folder (resumable
-after kill -9) and the results table. A domain (arc.py) supplies prompts, the inner loop and the reward.
+after kill -9) and the results table. A domain (arc_domain.py) supplies prompts, the inner loop, the reward
+and a count of what the self-edits chose.
 
     python seal.py generate --prompt="The capital of France is"      # first thing to try
     python seal.py run --domain=arc --split=tiny --out=runs/arc-tiny  # what `bash train.sh arc` calls
@@ -403,7 +404,7 @@ def run(cfg: RunConfig):
     return report(run_dir, cfg, domain, phases)
 
 
-def round_summaries(run_dir, rounds):
+def round_summaries(run_dir, domain, rounds):
     """Per ReST-EM round: how many sampled self-edits were valid and rewarded, and what the M-step did."""
     out = []
     for r in range(1, rounds + 1):
@@ -413,7 +414,7 @@ def round_summaries(run_dir, rounds):
         ms = run_dir.dir / f"policy-round{r}" / "m_step.json"
         m = json.loads(ms.read_text()) if ms.exists() else None
         out.append({"round": r, "samples": len(recs), "valid": sum(x.get("valid", True) for x in recs),
-                    "rewarded": sum(x["reward"] for x in recs),
+                    "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
                     "m_step": m and {"examples": m["examples"], "steps": m["steps"],
                                      "loss_first": (m["losses"] or [None])[0], "loss_last": (m["losses"] or [None])[-1]}})
     return out
@@ -428,14 +429,18 @@ def report(run_dir, cfg, domain, phases):
         solved = sum(r["reward"] for r in recs)
         rows.append({"row": key, "method": label, "solved": solved, "total": len(recs),
                      "rate": solved / max(1, len(recs)), "paper": paper,
-                     "valid": sum(r.get("valid", True) for r in recs)})
-    rounds = round_summaries(run_dir, cfg.rounds) if "seal" in phases else []
+                     "valid": sum(r.get("valid", True) for r in recs), "choices": domain.choices(recs)})
+    rounds = round_summaries(run_dir, domain, cfg.rounds) if "seal" in phases else []
     result = {"domain": cfg.domain, "split": cfg.split, "model": cfg.model, "seed": cfg.seed,
               "date": time.strftime("%Y-%m-%d"), "rows": rows, "rounds": rounds}
     write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
     print(f"\n{'method':<36}{'ours':>16}{'paper':>10}")
     for r in rows:
         print(f"{r['method']:<36}{r['rate'] * 100:>8.1f}% ({r['solved']:g}/{r['total']}){r['paper']:>10}")
+    for r in rows:
+        if any(r["choices"].values()):
+            print(f"{r['row']:>6} chose " + "; ".join(
+                f"{k} " + ", ".join(f"{v}x{n}" for v, n in sorted(c.items())) for k, c in r["choices"].items()))
     for r in rounds:
         ms = r["m_step"]
         print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, {r['rewarded']:g} rewarded"

@@ -151,3 +151,13 @@ def test_schema_prompt_offers_the_schema_learning_rates(tiny_dir):
     dom = arc_domain.ArcDomain(config(tiny_dir, "unused", se_mode="schema", se_lr_options="3e-4,1e-3,3e-3"), tok)
     text = tok.decode(dom.prompt_ids("6150a2bd"))
     assert "one of 3e-4, 1e-3, 3e-3" in text and "1e-5" not in text
+
+
+def test_choices_count_what_valid_self_edits_picked():
+    import arc
+    edits = [arc.SelfEdit(True, False, False, False, "all", 1e-3, 1), arc.SelfEdit(True, True, True, True, "output",
+                                                                                   3e-3, 2)]
+    recs = [{"edit": e.to_dict(), "reward": 1.0} for e in edits] + [{"valid": False, "reason": "bad json"}]
+    assert arc_domain.ArcDomain.choices(recs) == {
+        "loss": {"all_tokens": 1, "output_tokens": 1}, "learning_rate": {"0.001": 1, "0.003": 1},
+        "epochs": {"1": 1, "2": 1}, "augmentations_on": {"1": 1, "4": 1}}
