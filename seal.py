@@ -440,12 +440,13 @@ def report(run_dir, cfg, domain, phases):
     for r in rows:
         if any(r["choices"].values()):
             print(f"{r['row']:>6} chose " + "; ".join(
-                f"{k} " + ", ".join(f"{v}x{n}" for v, n in sorted(c.items())) for k, c in r["choices"].items()))
+                f"{k} " + ", ".join(f"{v} x{n}" for v, n in sorted(c.items())) for k, c in r["choices"].items()))
     for r in rounds:
         ms = r["m_step"]
-        print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, {r['rewarded']:g} rewarded"
-              + (f"; M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['loss_first']} -> {ms['loss_last']}" if ms
-                 else "; no M-step (nothing to keep), the policy is unchanged"))
+        what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['loss_first']:.3g} -> "
+                f"{ms['loss_last']:.3g}" if ms and ms["steps"] else "no M-step, the policy is unchanged")
+        print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
+              f"{r['rewarded']:g} rewarded; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
 
