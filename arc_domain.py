@@ -130,7 +130,7 @@ class ArcDomain:
 
     @staticmethod
     def choices(records):
-        """What the valid self-edits chose, counted per setting: the policy shift ReST-EM should produce."""
+        """What the parsed self-edits chose, counted per setting: the policy shift ReST-EM should produce."""
         out = {"loss": {}, "learning_rate": {}, "epochs": {}, "augmentations_on": {}}
         for r in records:
             if "edit" not in r:

@@ -411,12 +411,10 @@ def round_summaries(run_dir, domain, rounds):
         recs = [v for (phase, _, _), v in run_dir.done.items() if phase == f"rl{r}"]
         if not recs:
             break
-        ms = run_dir.dir / f"policy-round{r}" / "m_step.json"
-        m = json.loads(ms.read_text()) if ms.exists() else None
+        ms = run_dir.dir / f"policy-round{r}" / "m_step.json"  # absent when the round kept nothing
         out.append({"round": r, "samples": len(recs), "valid": sum(x.get("valid", True) for x in recs),
                     "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
-                    "m_step": m and {"examples": m["examples"], "steps": m["steps"],
-                                     "loss_first": (m["losses"] or [None])[0], "loss_last": (m["losses"] or [None])[-1]}})
+                    "m_step": json.loads(ms.read_text()) if ms.exists() else None})
     return out
 
 
@@ -443,8 +441,8 @@ def report(run_dir, cfg, domain, phases):
                 f"{k} " + ", ".join(f"{v} x{n}" for v, n in sorted(c.items())) for k, c in r["choices"].items()))
     for r in rounds:
         ms = r["m_step"]
-        what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['loss_first']:.3g} -> "
-                f"{ms['loss_last']:.3g}" if ms and ms["steps"] else "no M-step, the policy is unchanged")
+        what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['losses'][0]:.3g} -> "
+                f"{ms['losses'][-1]:.3g}" if ms and ms["losses"] else "no M-step, the policy is unchanged")
         print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
               f"{r['rewarded']:g} rewarded; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")

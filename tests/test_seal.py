@@ -153,7 +153,7 @@ def test_schema_prompt_offers_the_schema_learning_rates(tiny_dir):
     assert "one of 3e-4, 1e-3, 3e-3" in text and "1e-5" not in text
 
 
-def test_choices_count_what_valid_self_edits_picked():
+def test_choices_count_what_parsed_self_edits_picked():
     import arc
     edits = [arc.SelfEdit(True, False, False, False, "all", 1e-3, 1), arc.SelfEdit(True, True, True, True, "output",
                                                                                    3e-3, 2)]
