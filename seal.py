@@ -66,18 +66,19 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
         cache, logits, pos = cache.repeat(n), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
     next_pos = pos[:, -1:] + 1
     gen = torch.Generator(device=dev).manual_seed(seed)
-    stop_ids = torch.tensor(sorted(tok.stop_ids), device=dev)
-    rows = B * n
-    out = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=dev)
+    stop_ids = set(tok.stop_ids)
+    out = [[] for _ in range(B * n)]
+    done = [False] * (B * n)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gen)
-        done |= torch.isin(nxt, stop_ids)
-        for i in (~done).nonzero().flatten().tolist():
-            out[i].append(nxt[i].item())
-            if stop and any(s in tok.decode(out[i][-8:]) for s in stop):
-                done[i] = True
-        if done.all():
+        for i, t in enumerate(nxt.tolist()):  # one device sync per step, not one per row
+            if done[i]:
+                continue
+            done[i] = t in stop_ids
+            if not done[i]:
+                out[i].append(t)
+                done[i] = bool(stop) and any(s in tok.decode(out[i][-8:]) for s in stop)
+        if all(done):
             break
         logits = m.lm_head(m.hidden(nxt[:, None], input_pos=next_pos, cache=cache)[:, -1]).float()
         next_pos = next_pos + 1
