@@ -490,7 +490,7 @@ Training:
 - strategy: "train_using_all_tokens" (learn from the whole prompt) or "train_using_output_tokens" (learn \
 from the answers only)
 - learning_rate: a float, {lr_hint}
-- num_train_epochs: an integer number of passes over the data
+- num_train_epochs: an integer number of passes over the data{epoch_hint}
 
 Answer with pure JSON and nothing else, in exactly this shape, booleans written as lowercase true/false:
 {skeleton}"""
@@ -519,7 +519,8 @@ class SelfEdit:
         return json.dumps(self.to_dict())
 
 
-def self_edit_prompt(task: Task, fmt: str = "numpy", lr_hint: str = "between 1e-5 and 1e-3") -> list[dict]:
+def self_edit_prompt(task: Task, fmt: str = "numpy", lr_hint: str = "between 1e-5 and 1e-3",
+                     epoch_hint: str = "") -> list[dict]:
     """Chat messages asking for a self-edit. Shows the demonstrations only, never the test input.
 
     Grids are rows of digits, space-separated for "numpy" (the official self-edit prompt) or not for "compact".
@@ -528,7 +529,7 @@ def self_edit_prompt(task: Task, fmt: str = "numpy", lr_hint: str = "between 1e-
     sep = " " if fmt == "numpy" else ""
     rows = lambda g: "".join(sep.join(str(int(v)) for v in row) + "\n" for row in np.asarray(g))
     demos = "".join(f"Input:\n{rows(i)}\nOutput:\n{rows(o)}\n" for i, o in task.train)
-    user = demos + "------\n\n" + _SELF_EDIT_TASK.format(lr_hint=lr_hint, skeleton=SKELETON)
+    user = demos + "------\n\n" + _SELF_EDIT_TASK.format(lr_hint=lr_hint, epoch_hint=epoch_hint and ", " + epoch_hint, skeleton=SKELETON)
     return [{"role": "system", "content": _SELF_EDIT_SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -27,7 +27,7 @@ import seal
 DATA = Path(__file__).parent / "data" / "arc"
 
 
-def self_edit_template(lr_options):
+def self_edit_template(lr_options, epoch_options):
     """The self-edit schema with holes, for seal.sample_template. SmolLM2-135M wrote 0 valid self-edits of 8
     freely, even with the skeleton's first key given (it invents keys, writes 0.1 for booleans): a self-edit
     that never parses earns no reward and ReST-EM has nothing to learn from. Forcing the keys keeps the
@@ -36,7 +36,7 @@ def self_edit_template(lr_options):
     return [('{"data_generation": {"use_basic_augmentations": ', b), (', "use_size_augmentations": ', b),
             (', "use_chain_augmentations": ', b), (', "use_repeat_augmentations": ', b),
             ('}, "training": {"strategy": ', ['"train_using_all_tokens"', '"train_using_output_tokens"']),
-            (', "learning_rate": ', list(lr_options)), (', "num_train_epochs": ', ["1", "2", "3", "4", "5"]),
+            (', "learning_rate": ', list(lr_options)), (', "num_train_epochs": ', list(epoch_options)),
             ("}}", None)]
 
 
@@ -57,17 +57,19 @@ class ArcDomain:
         if cfg.se_mode not in ("free", "prefix", "schema"):
             raise SystemExit(f"--se_mode={cfg.se_mode!r}: expected free, prefix or schema")
         self.answer_prefix = arc.SKELETON_PREFIX if cfg.se_mode == "prefix" else ""
-        self.template = self_edit_template(cfg.se_lr_options.split(",")) if cfg.se_mode == "schema" else None
-        # the prompt must offer what can be chosen: in schema mode, exactly the learning rates of the template
+        lrs, epochs = cfg.se_lr_options.split(","), cfg.se_epoch_options.split(",")
+        self.template = self_edit_template(lrs, epochs) if cfg.se_mode == "schema" else None
+        # the prompt must offer what can be chosen: in schema mode, exactly the values of the template
         # (a first tiny run whose prompt said "between 1e-5 and 1e-3" sampled 1e-3 every time of 28)
-        self.lr_hint = ("one of " + ", ".join(cfg.se_lr_options.split(","))) if self.template else cfg.lr_hint
+        self.lr_hint = ("one of " + ", ".join(lrs)) if self.template else cfg.lr_hint
+        self.epoch_hint = ("one of " + ", ".join(epochs)) if self.template else ""
         self.eot_id = tok.eos_id
         self.adapter = None
 
     def prompt_ids(self, item):
         """The self-edit prompt. In "prefix" mode the answer already starts with the JSON skeleton's first key;
         the prefix is part of the parsed self-edit."""
-        msgs = arc.self_edit_prompt(self.tasks[item], self.cfg.fmt, self.lr_hint)
+        msgs = arc.self_edit_prompt(self.tasks[item], self.cfg.fmt, self.lr_hint, self.epoch_hint)
         return self.tok.encode(self.tok.chat(msgs) + self.answer_prefix)
 
     def release(self, m):

@@ -190,6 +190,7 @@ class RunConfig:
     se_mode: str = "free"           # "free": the model writes the JSON (official); "prefix": its answer starts with
                                     # the skeleton's first key; "schema": keys forced, values sampled among valid ones
     se_lr_options: str = "1e-5,3e-5,1e-4,3e-4,1e-3"  # the learning rates offered in schema mode
+    se_epoch_options: str = "1,2,3,4,5"   # the epoch counts offered in schema mode
     eval_batch: int = 32
 
     # settings that change results: a run folder refuses to resume under different values

@@ -146,11 +146,16 @@ def test_a_round_that_keeps_nothing_saves_no_weights(tiny_dir, tmp_path):
     assert seal.run(cfg)["rows"] == first["rows"]  # and a resume goes straight through
 
 
-def test_schema_prompt_offers_the_schema_learning_rates(tiny_dir):
+def test_schema_prompt_offers_the_schema_values(tiny_dir):
     m, tok = model.load(str(tiny_dir))
-    dom = arc_domain.ArcDomain(config(tiny_dir, "unused", se_mode="schema", se_lr_options="3e-4,1e-3,3e-3"), tok)
+    cfg = config(tiny_dir, "unused", se_mode="schema", se_lr_options="3e-4,1e-3,3e-3", se_epoch_options="1,3,6")
+    dom = arc_domain.ArcDomain(cfg, tok)
     text = tok.decode(dom.prompt_ids("6150a2bd"))
     assert "one of 3e-4, 1e-3, 3e-3" in text and "1e-5" not in text
+    assert "passes over the data, one of 1, 3, 6" in text
+    assert dict(dom.template)[', "num_train_epochs": '] == ["1", "3", "6"]
+    free = arc_domain.ArcDomain(config(tiny_dir, "unused"), tok)  # free mode: the official wording, no list
+    assert "passes over the data\n" in tok.decode(free.prompt_ids("6150a2bd"))
 
 
 def test_choices_count_what_parsed_self_edits_picked():
