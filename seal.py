@@ -236,17 +236,19 @@ def write_atomic(path: Path, text: str):
 
 
 class RunFolder:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, items: dict | None = None):
+        """items: the run's task ids by role; part of the fingerprint, since a split file can change under its name."""
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_file = self.dir / "config.json"
+        fingerprint = {**cfg.fingerprint, **({"items": items} if items else {})}
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            diff = {k: (old.get(k), v) for k, v in cfg.fingerprint.items() if old.get(k) != v}
+            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
             if diff:
                 raise SystemExit(f"{self.dir} holds a run with other settings {diff}; use another --out")
         else:
-            write_atomic(cfg_file, json.dumps(cfg.fingerprint, indent=2))
+            write_atomic(cfg_file, json.dumps(fingerprint, indent=2))
         self.evals_file = self.dir / "evals.jsonl"
         self.done = {}
         if self.evals_file.exists():
@@ -355,11 +357,11 @@ def run(cfg: RunConfig):
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}[cfg.dtype]
     torch.manual_seed(cfg.seed)
-    run_dir = RunFolder(cfg)
-    print(f"run folder {run_dir.dir}; model {cfg.model} on {device} ({dtype}); domain {cfg.domain}/{cfg.split}",
-          flush=True)
     m, tok = model_lib.load(cfg.model, device=device, dtype=dtype)
     domain = {"arc": arc_domain.ArcDomain}[cfg.domain](cfg, tok)
+    run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items})
+    print(f"run folder {run_dir.dir}; model {cfg.model} on {device} ({dtype}); domain {cfg.domain}/{cfg.split}",
+          flush=True)
     rows = cfg.rows.split(",")
     phases = {}  # row name -> evaluation records
 

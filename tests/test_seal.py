@@ -86,6 +86,10 @@ def test_a_run_folder_refuses_other_settings(tiny_dir, tmp_path):
     seal.RunFolder(config(tiny_dir, tmp_path))
     with pytest.raises(SystemExit, match="other settings"):
         seal.RunFolder(config(tiny_dir, tmp_path, seed=1))
+    items = {"rl": ["5582e5ca"], "eval": ["0d3d703e"]}
+    seal.RunFolder(config(tiny_dir, tmp_path / "b"), items)
+    with pytest.raises(SystemExit, match="other settings.*items"):  # the split file changed under its name
+        seal.RunFolder(config(tiny_dir, tmp_path / "b"), {**items, "eval": ["a85d4709"]})
 
 
 def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
