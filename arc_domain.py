@@ -153,9 +153,10 @@ class ArcDomain:
 def filter_tasks(argv):
     """Print, per candidate task and TTT configuration, solved or not and the two attempts against the truth.
     --configs=loss:lr:epochs,... (loss all|output), --aug=basic,size,chain,repeat (the switches turned on),
-    --ids=... or --max_side=N (every ARC-AGI-1 task whose grids are all at most N x N), --skip=ids."""
+    --ids=... or --max_side=N (every ARC-AGI-1 task whose grids are all at most N x N), --skip=ids,
+    --seeds=0,1,... (each seed draws other TTT examples, as each self-edit of a run does: k/n solved)."""
     import model as model_lib
-    mine = ("--ids=", "--configs=", "--max_side=", "--aug=", "--skip=")
+    mine = ("--ids=", "--configs=", "--max_side=", "--aug=", "--skip=", "--seeds=")
     cfg = seal.parse_overrides(seal.RunConfig(fmt="compact", max_examples=24, warmup=2),
                                [a for a in argv if not a.startswith(mine)])
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith(mine))
@@ -163,6 +164,7 @@ def filter_tasks(argv):
     if any(len(c) != 3 or c[0] not in ("all", "output") for c in configs):
         raise SystemExit(f"--configs={opts['configs']!r}: expected loss:lr:epochs with loss all or output")
     aug = opts.get("aug", "basic,size,chain,repeat").split(",")
+    seeds = [int(s) for s in opts.get("seeds", str(cfg.seed)).split(",")]
     if "ids" in opts:
         ids = opts["ids"].split(",")
     else:  # smallest grids first: they are the cheapest to train on and to answer
@@ -176,15 +178,18 @@ def filter_tasks(argv):
     dom.cfg, dom.tok, dom.adapter, dom.eot_id, dom.answer_prefix, dom.template = cfg, tok, None, tok.eos_id, "", None
     dom.tasks = arc.load_tasks(ids)
     flat = lambda g: "/".join("".join(map(str, row)) for row in g)
-    print(f"{len(ids)} candidate tasks; configs {opts.get('configs')}; augmentations {aug}", flush=True)
+    print(f"{len(ids)} candidate tasks; configs {[':'.join(c) for c in configs]}; augmentations {aug}; "
+          f"seeds {seeds}", flush=True)
     for i in ids:
         row = []
         for loss, lr, ep in configs:
             edit = arc.SelfEdit(*(a in aug for a in ("basic", "size", "chain", "repeat")), loss, float(lr), int(ep))
             t0 = time.time()
-            r = dom.evaluate(m, i, edit.to_json(), seed=cfg.seed)
-            got = " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
-            row.append(f"{loss}:{lr}:{ep}={int(r['reward'])} ({time.time() - t0:.0f}s; said {got})")
+            rs = [dom.evaluate(m, i, edit.to_json(), seed=s) for s in seeds]
+            said = lambda r: " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
+            got = "; ".join(said(r) for r in rs)
+            row.append(f"{loss}:{lr}:{ep}={sum(r['reward'] == 1 for r in rs)}/{len(rs)} "
+                       f"({time.time() - t0:.0f}s; said {got})")
         print(f"{i} (truth {flat(dom.tasks[i].test[0][1].tolist())}): " + "  ".join(row), flush=True)
 
 

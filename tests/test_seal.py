@@ -170,3 +170,12 @@ def test_choices_count_what_parsed_self_edits_picked():
     assert arc_domain.ArcDomain.choices(recs) == {
         "loss": {"all_tokens": 1, "output_tokens": 1}, "learning_rate": {"0.001": 1, "0.003": 1},
         "epochs": {"1": 1, "2": 1}, "augmentations_on": {"1": 1, "4": 1}}
+
+
+def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
+    arc_domain.filter_tasks([f"--model={tiny_dir}", "--ids=5582e5ca", "--configs=all:1e-3:1,output:3e-3:2",
+                             "--seeds=0,1", "--max_examples=2", "--max_len=2048"])
+    header, line = capsys.readouterr().out.strip().splitlines()
+    assert "seeds [0, 1]" in header
+    assert line.startswith("5582e5ca (truth 888/888/888): all:1e-3:1=0/2 (") and "output:3e-3:2=0/2 (" in line
+    assert line.count("said 0; 0") == 2  # one answer per seed: a random model writes no valid grid
