@@ -52,9 +52,9 @@ case "$cmd" in
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
     else  # SmolLM2-135M on 2 CPU cores (README: "The tiny preset")
       preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema
-              --se_lr_options=3e-4,1e-3,3e-3 --rl_samples=6 --eval_samples=2 --max_examples=24 --warmup=2
-              --sft_lr=1e-3
-              --oracle='{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, "use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": {"strategy": "train_using_output_tokens", "learning_rate": 3e-3, "num_train_epochs": 2}}')
+              --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=4 --eval_samples=1
+              --max_examples=24 --warmup=2 --sft_lr=1e-3
+              --oracle='{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, "use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": {"strategy": "train_using_output_tokens", "learning_rate": 3e-3, "num_train_epochs": 6}}')
     fi
     exec "$PY" seal.py run --domain=arc "${preset[@]}" "$@" ;;
   *)
