@@ -529,7 +529,8 @@ def self_edit_prompt(task: Task, fmt: str = "numpy", lr_hint: str = "between 1e-
     sep = " " if fmt == "numpy" else ""
     rows = lambda g: "".join(sep.join(str(int(v)) for v in row) + "\n" for row in np.asarray(g))
     demos = "".join(f"Input:\n{rows(i)}\nOutput:\n{rows(o)}\n" for i, o in task.train)
-    user = demos + "------\n\n" + _SELF_EDIT_TASK.format(lr_hint=lr_hint, epoch_hint=epoch_hint and ", " + epoch_hint, skeleton=SKELETON)
+    task_text = _SELF_EDIT_TASK.format(lr_hint=lr_hint, epoch_hint=epoch_hint and ", " + epoch_hint, skeleton=SKELETON)
+    user = demos + "------\n\n" + task_text
     return [{"role": "system", "content": _SELF_EDIT_SYSTEM}, {"role": "user", "content": user}]
 
 

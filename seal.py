@@ -237,7 +237,7 @@ def write_atomic(path: Path, text: str):
 
 class RunFolder:
     def __init__(self, cfg: RunConfig, items: dict | None = None):
-        """items: the run's task ids by role; part of the fingerprint, since a split file can change under its name."""
+        """items: the run's task ids by role. They join the fingerprint: a split file can change under its name."""
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_file = self.dir / "config.json"
