@@ -178,6 +178,7 @@ def filter_tasks(argv):
     dom.cfg, dom.tok, dom.adapter, dom.eot_id, dom.answer_prefix, dom.template = cfg, tok, None, tok.eos_id, "", None
     dom.tasks = arc.load_tasks(ids)
     flat = lambda g: "/".join("".join(map(str, row)) for row in g)
+    said = lambda r: " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
     print(f"{len(ids)} candidate tasks; configs {[':'.join(c) for c in configs]}; augmentations {aug}; "
           f"seeds {seeds}", flush=True)
     for i in ids:
@@ -186,7 +187,6 @@ def filter_tasks(argv):
             edit = arc.SelfEdit(*(a in aug for a in ("basic", "size", "chain", "repeat")), loss, float(lr), int(ep))
             t0 = time.time()
             rs = [dom.evaluate(m, i, edit.to_json(), seed=s) for s in seeds]
-            said = lambda r: " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
             got = "; ".join(said(r) for r in rs)
             row.append(f"{loss}:{lr}:{ep}={sum(r['reward'] == 1 for r in rs)}/{len(rs)} "
                        f"({time.time() - t0:.0f}s; said {got})")
