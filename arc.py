@@ -125,7 +125,8 @@ def _chain(name):
 
 
 AUGMENTERS = (
-    *(Augmenter(n, "basic", _fixed(_GEOMETRIC[n])) for n in ("Rotate(90)", "Rotate(270)", "Rotate(180)", "Flip(0)", "Flip(1)")),
+    *(Augmenter(n, "basic", _fixed(_GEOMETRIC[n]))
+      for n in ("Rotate(90)", "Rotate(270)", "Rotate(180)", "Flip(0)", "Flip(1)")),
     *(Augmenter(f"Reflect({a}, reverse={r})", "basic", _fixed(_reflect(a, r))) for r in (True, False) for a in (0, 1)),
     Augmenter("RandomTranslateXY()", "basic", _translate),
     Augmenter("Transpose()", "basic", _fixed(np.transpose)),

@@ -177,8 +177,8 @@ def load_peft(model, adapter_dir) -> Adapter:
     d = Path(adapter_dir)
     cfg = json.loads((d / "adapter_config.json").read_text())
     unsupported = {"peft_type": "LORA", "bias": "none", "use_dora": False, "use_rslora": False,
-                   "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-                   "modules_to_save": None}
+                   "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+                   "layers_to_transform": None, "modules_to_save": None}
     for k, want in unsupported.items():
         if cfg.get(k, want) not in (want, None, {}, []):
             raise ValueError(f"adapter_config.json: {k}={cfg[k]!r} is not supported (only {want!r})")

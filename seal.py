@@ -345,8 +345,8 @@ def m_step(m, records, cfg, phase, eot_id):
                      loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
                      adapter=adapter, max_len=cfg.max_len)
     adapter.merge()
-    print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss "
-          f"{res.losses[0] if res.losses else float('nan'):.3f} -> {res.losses[-1] if res.losses else float('nan'):.3f}, "
+    first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
+    print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
           f"{fmt_time(res.seconds)}", flush=True)
     return res
 
