@@ -12,8 +12,10 @@ One LoRA adapter (r=128, alpha=16 on q, v, gate, up, down) is injected once and 
 self-edit, as the official run does: no re-wrapping, no disk.
 
     python arc_domain.py filter --max_side=6 --configs=all:1e-3:1   # which tasks a TTT config solves (split-making)
+    python arc_domain.py policy --split=tiny --se_epoch_options=1,2,4,6   # what a model's self-edits would choose
 """
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,7 +195,31 @@ def filter_tasks(argv):
         print(f"{i} (truth {flat(dom.tasks[i].test[0][1].tolist())}): " + "  ".join(row), flush=True)
 
 
+def print_policy(argv):
+    """Print a model's schema-mode self-edit policy on a split: per task and field, each option's probability
+    at --se_temperature, along the most likely self-edit (a field's options depend on the choices before it).
+    --model=runs/arc-tiny/policy-round1 shows the policy after ReST-EM."""
+    import model as model_lib
+    cfg = seal.parse_overrides(seal.RunConfig(fmt="compact", se_mode="schema"), argv)
+    if cfg.se_mode != "schema" or cfg.se_temperature <= 0:
+        raise SystemExit("policy: needs --se_mode=schema and --se_temperature > 0")
+    m, tok = model_lib.load(cfg.model)
+    dom = ArcDomain(cfg, tok)
+    fields = [re.findall(r'"(\w+)": $', fixed)[-1].replace("use_", "").replace("_augmentations", "")
+              for fixed, options in dom.template if options]
+    print(f"{cfg.model}: option probabilities at temperature {cfg.se_temperature:g}", flush=True)
+    for item in dom.rl_items + dom.eval_items:
+        trace = []
+        seal.sample_template(m, tok, dom.prompt_ids(item), dom.template, n=1, temperature=0, trace=trace)
+        options = [[o.strip('"').replace("train_using_", "") for o in opts] for _, opts in dom.template if opts]
+        probs = [np.exp(np.array(lp) / cfg.se_temperature - np.logaddexp.reduce(np.array(lp) / cfg.se_temperature))
+                 for lp in trace]
+        print(item, "; ".join(f"{f} " + " ".join(f"{o}={p:.2f}" for o, p in zip(opts, ps))
+                              for f, opts, ps in zip(fields, options, probs)), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["filter"]:
+    commands = {"filter": filter_tasks, "policy": print_policy}
+    if sys.argv[1:2] == [] or sys.argv[1] not in commands:
         raise SystemExit(__doc__)
-    filter_tasks(sys.argv[2:])
+    commands[sys.argv[1]](sys.argv[2:])

@@ -86,12 +86,13 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
 
 
 @torch.no_grad()
-def sample_template(m, tok, prompt, template, n=1, temperature=1.0, seed=0):
+def sample_template(m, tok, prompt, template, n=1, temperature=1.0, seed=0, trace=None):
     """Fill-in sampling for structured answers a small model cannot write freely. template: a list of
     (fixed_text, options): the fixed text is forced, then one option is sampled from the model's own
     probability of each option's tokens, renormalised over the options (at `temperature`; 0 takes the most
     likely). The policy is still the model's, restricted to valid answers, so ReST-EM can sharpen it.
-    Returns n token-id lists (the answer after the prompt)."""
+    Returns n token-id lists (the answer after the prompt). trace: a list that receives, per sample and
+    field, the options' log-probabilities before renormalising (to inspect the policy)."""
     dev = m.lm_head.weight.device
     enc = lambda s: tok.encode(s) if s else []
     room = len(prompt) + sum(len(enc(f)) + max((len(enc(o)) for o in opts or [""]), default=0)
@@ -119,6 +120,8 @@ def sample_template(m, tok, prompt, template, n=1, temperature=1.0, seed=0):
                 tok_lp = rest.gather(-1, rows[:, 1:, None])[..., 0]
                 mask = torch.tensor([[t < len(o) for t in range(1, L)] for o in o_ids], device=dev)
                 logp = logp + (tok_lp * mask).sum(-1)
+            if trace is not None:
+                trace.append(logp.tolist())
             if temperature <= 0:
                 j = int(logp.argmax())
             else:

@@ -133,8 +133,10 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
         n = len(tok.encode(o))
         scores.append(sum(lp[len(ids) - n - 1 + t, ids[len(ids) - n + t]].item() for t in range(n)))
     best = options[max(range(len(options)), key=scores.__getitem__)]
-    greedy = seal.sample_template(m, tok, prompt, template, n=1, temperature=0)[0]
+    trace = []
+    greedy = seal.sample_template(m, tok, prompt, template, n=1, temperature=0, trace=trace)[0]
     assert tok.decode(greedy) == f" answer={best}!"
+    assert trace == [pytest.approx(scores, abs=1e-4)]  # what it sampled from, one list per field
     drawn = [tok.decode(x) for x in seal.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
     assert all(d in {f" answer={o}!" for o in options} for d in drawn)
     assert len(set(drawn)) > 1
@@ -179,3 +181,35 @@ def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
     assert "seeds [0, 1]" in header
     assert line.startswith("5582e5ca (truth 888/888/888): all:1e-3:1=0/2 (") and "output:3e-3:2=0/2 (" in line
     assert line.count("said 0; 0") == 2  # one answer per seed: a random model writes no valid grid
+
+
+def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
+    def policy(temperature):
+        arc_domain.print_policy([f"--model={tiny_dir}", f"--split={tiny_dir / 'split.json'}",
+                                 "--se_epoch_options=1,2,4,6", f"--se_temperature={temperature}"])
+        header, *lines = capsys.readouterr().out.strip().splitlines()
+        assert header.endswith(f"at temperature {temperature:g}")
+        out = {}
+        for line in lines:
+            item, rest = line.split(" ", 1)
+            fields = dict(f.split(" ", 1) for f in rest.split("; "))
+            out[item] = {f: {o: float(p) for o, p in (x.split("=") for x in v.split())} for f, v in fields.items()}
+        return out
+    cold, hot = policy(0.5), policy(4.0)
+    assert list(cold) == SPLIT["rl"] + SPLIT["eval"]
+    fields = cold["6150a2bd"]
+    assert list(fields) == ["basic", "size", "chain", "repeat", "strategy", "learning_rate", "num_train_epochs"]
+    assert list(fields["strategy"]) == ["all_tokens", "output_tokens"] and list(fields["num_train_epochs"]) == list("1246")
+    for item in cold:
+        for f, probs in cold[item].items():
+            assert sum(probs.values()) == pytest.approx(1, abs=0.02)
+            assert max(hot[item][f].values()) <= max(probs.values()) + 0.01  # a higher temperature flattens
+    assert any(max(hot[i][f].values()) < max(cold[i][f].values()) - 0.01 for i in cold for f in cold[i])
+
+
+def test_unknown_subcommand_prints_the_usage():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "arc_domain.py", "nope"], capture_output=True, text=True,
+                         cwd=arc_domain.__file__.rsplit("/", 1)[0])
+    assert res.returncode == 1 and "python arc_domain.py policy" in res.stderr
