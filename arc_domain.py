@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import arc
 import lora
@@ -205,21 +206,20 @@ def print_policy(argv):
         raise SystemExit("policy: needs --se_mode=schema and --se_temperature > 0")
     m, tok = model_lib.load(cfg.model)
     dom = ArcDomain(cfg, tok)
-    fields = [re.findall(r'"(\w+)": $', fixed)[-1].replace("use_", "").replace("_augmentations", "")
+    fields = [(re.findall(r'"(\w+)": $', fixed)[-1].replace("use_", "").replace("_augmentations", ""),
+               [o.strip('"').replace("train_using_", "") for o in options])
               for fixed, options in dom.template if options]
     print(f"{cfg.model}: option probabilities at temperature {cfg.se_temperature:g}", flush=True)
     for item in dom.rl_items + dom.eval_items:
         trace = []
         seal.sample_template(m, tok, dom.prompt_ids(item), dom.template, n=1, temperature=0, trace=trace)
-        options = [[o.strip('"').replace("train_using_", "") for o in opts] for _, opts in dom.template if opts]
-        probs = [np.exp(np.array(lp) / cfg.se_temperature - np.logaddexp.reduce(np.array(lp) / cfg.se_temperature))
-                 for lp in trace]
-        print(item, "; ".join(f"{f} " + " ".join(f"{o}={p:.2f}" for o, p in zip(opts, ps))
-                              for f, opts, ps in zip(fields, options, probs)), flush=True)
+        probs = [torch.softmax(torch.tensor(lp) / cfg.se_temperature, -1).tolist() for lp in trace]
+        print(item, "; ".join(f"{name} " + " ".join(f"{o}={p:.2f}" for o, p in zip(options, ps))
+                              for (name, options), ps in zip(fields, probs)), flush=True)
 
 
 if __name__ == "__main__":
     commands = {"filter": filter_tasks, "policy": print_policy}
-    if sys.argv[1:2] == [] or sys.argv[1] not in commands:
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(__doc__)
     commands[sys.argv[1]](sys.argv[2:])

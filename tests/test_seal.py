@@ -199,7 +199,8 @@ def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
     assert list(cold) == SPLIT["rl"] + SPLIT["eval"]
     fields = cold["6150a2bd"]
     assert list(fields) == ["basic", "size", "chain", "repeat", "strategy", "learning_rate", "num_train_epochs"]
-    assert list(fields["strategy"]) == ["all_tokens", "output_tokens"] and list(fields["num_train_epochs"]) == list("1246")
+    assert list(fields["strategy"]) == ["all_tokens", "output_tokens"]
+    assert list(fields["num_train_epochs"]) == list("1246")
     for item in cold:
         for f, probs in cold[item].items():
             assert sum(probs.values()) == pytest.approx(1, abs=0.02)
