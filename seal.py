@@ -7,12 +7,12 @@ outer loop is ReST-EM (paper section 3.1): sample self-edits, keep the rewarded 
 model on them (M-step, supervised, loss on the self-edit tokens), repeat. It is on-policy filtered behaviour
 cloning; there is no value function, no baseline subtraction and no policy gradient.
 
-This file holds what every domain shares: batched sampling, the ReST-EM loop with its run folder (resumable
-after kill -9) and the results table. A domain (arc_domain.py) supplies prompts, the inner loop, the reward
-and a count of what the self-edits chose.
+This file holds what every domain shares and names none: batched sampling, the settings, the domain contract
+(Domain, Row), the model's one owner (Learner), the ReST-EM loop with its run folder (resumable after kill -9)
+and the results table. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
 
-    python seal.py generate --prompt="The capital of France is"      # first thing to try
-    python seal.py run --domain=arc --split=tiny --out=runs/arc-tiny  # what `bash train.sh arc` calls
+    python seal.py generate --prompt="The capital of France is"   # first thing to try
+    python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
 """
 import dataclasses
 import json
@@ -20,11 +20,12 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import lora
 import model as model_lib
 
 # -----------------------------------------------------------------------------
@@ -47,7 +48,8 @@ def sample_next(logits, temperature, top_p, gen):
 @torch.no_grad()
 def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0):
     """prompts: token-id lists. Returns len(prompts) * n completions (token-id lists, samples of a prompt
-    adjacent), each cut before its stop token or stop string."""
+    adjacent). A completion ends before its stop token; a stop string ends it too but stays in the ids (the
+    string can end mid-token; `generate` cuts the text)."""
     dev = m.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -151,63 +153,55 @@ def generate(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=
 
 
 # -----------------------------------------------------------------------------
-# Run configuration: dataclass defaults, --key=value overrides (presets live in train.sh)
+# Settings: dataclass defaults (a domain's subclass holds its paper values), --key=value overrides. Presets
+# live in train.sh.
 
 
 @dataclass
 class RunConfig:
-    domain: str = "arc"
+    """Settings every domain has. A domain subclasses it, adds its own fields and sets the paper's defaults."""
     model: str = model_lib.OFFLINE_DEFAULT
-    split: str = "tiny"             # data/<domain>/<split>.json
-    out: str = "runs/arc-tiny"
+    out: str = "runs/seal"
     seed: int = 0
     device: str = "auto"            # cuda if available, else cpu
-    dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (the dtype policy: lora.py keeps adapters fp32)
-    rows: str = "icl,base,seal,oracle"  # which rows of the results table to produce
-    # ReST-EM outer loop (paper section 3.1; official ARC values, seal-reference 1.7)
+    dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (lora.py keeps adapters and optimizer state fp32)
+    rows: str = ""                  # which rows of the results table to produce, by key; "" for all
+    teacher: str = ""               # a model whose self-edits fill the `teacher` row (the paper's GPT-4.1 row)
+    # ReST-EM outer loop (paper section 3.1)
     rounds: int = 1
-    rl_samples: int = 15            # self-edits per RL item per round
-    eval_samples: int = 5           # self-edits per evaluation item
-    se_temperature: float = 0.8
+    rl_samples: int = 5             # self-edits per RL item per round
+    eval_samples: int = 1           # self-edits per evaluation item
+    se_temperature: float = 1.0
     se_top_p: float = 1.0
     se_max_tokens: int = 128
+    # the inner loop's adapter: injected once, reset before every self-edit
+    inner_rank: int = 32
+    inner_alpha: float = 64.0
+    inner_targets: str = "q_proj,v_proj"
+    # the M-step: a fresh LoRA on the kept (prompt, self-edit) pairs, merged into the weights
     sft_rank: int = 16
     sft_alpha: float = 16.0
+    sft_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     sft_lr: float = 5e-5
-    sft_epochs: int = 8
-    sft_batch: int = 5
-    # inner loop and task settings, read by the domain
-    fmt: str = "numpy"              # ARC grid text: "numpy" (official) or "compact"
-    lora_rank: int = 128
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj,gate_proj,up_proj,down_proj"
-    warmup: int = 11
-    batch_size: int = 2
-    max_examples: int = 250
-    max_steps: int = 375            # self-edits that would train longer are invalid (reward 0), as in the paper
+    sft_epochs: int = 1
+    sft_batch: int = 1
     max_len: int = 8192
-    lr_hint: str = "between 1e-5 and 1e-3"
-    oracle: str = '{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, ' \
-                  '"use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": ' \
-                  '{"strategy": "train_using_output_tokens", "learning_rate": 1e-4, "num_train_epochs": 2}}'
-    se_mode: str = "free"           # "free": the model writes the JSON (official); "prefix": its answer starts with
-                                    # the skeleton's first key; "schema": keys forced, values sampled among valid ones
-    se_lr_options: str = "1e-5,3e-5,1e-4,3e-4,1e-3"  # the learning rates offered in schema mode
-    se_epoch_options: str = "1,2,3,4,5"   # the epoch counts offered in schema mode
-    eval_batch: int = 32
+    eval_batch: int = 32            # prompts per batch when decoding
 
-    # settings that change results: a run folder refuses to resume under different values
     @property
     def fingerprint(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device")}
+        """Settings that change results: a run folder refuses to resume under different values."""
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device")}
+        return {"config": type(self).__name__, **kept}
 
 
 def parse_overrides(cfg, argv):
+    """--key=value over the dataclass defaults, typed by the default's type; unknown keys are an error."""
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, val = arg[2:].split("=", 1)
-        if not hasattr(cfg, key):
+        if key not in {f.name for f in dataclasses.fields(cfg)}:
             raise SystemExit(f"unknown setting --{key} (known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
         typ = type(getattr(cfg, key))
         if typ is bool:
@@ -223,13 +217,97 @@ def parse_overrides(cfg, argv):
     return cfg
 
 
+def device_and_dtype(cfg):
+    """The one place the device and dtype are chosen: bf16 weights on a GPU, fp32 on a CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
+              "bf16": torch.bfloat16}
+    if cfg.dtype not in dtypes:
+        raise SystemExit(f"--dtype={cfg.dtype!r}: expected auto, fp32 or bf16")
+    return device, dtypes[cfg.dtype]
+
+
+# -----------------------------------------------------------------------------
+# The domain contract. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain; the loop below
+# knows no domain by name.
+
+BASE, RL, TEACHER, POOLED = "<base policy>", "<policy after ReST-EM>", "<teacher>", "<pooled>"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a results table. edit says where each evaluation item's self-edit comes from:
+    None: no adaptation; a string: that fixed self-edit for every item; BASE / RL / TEACHER: sampled from the
+    base policy, the policy after the ReST-EM rounds, or --teacher; POOLED: the BASE row's self-edits of all
+    evaluation items trained into one adapter, then every item evaluated (continued pretraining)."""
+    key: str
+    label: str
+    paper: str      # the paper's number for this row, as printed there
+    edit: object = None
+
+
+class Domain:
+    """What the loop asks of a domain. Items are string ids; records are the dicts evaluate() returns, plus
+    phase, item, k, text."""
+    rows: tuple = ()
+    template = None         # a sample_template template (fields forced, values sampled), or None: free text
+    answer_prefix = ""      # text every sampled answer starts with; part of the self-edit that is parsed
+
+    def __init__(self, cfg, tok):
+        self.cfg, self.tok = cfg, tok
+        self.rl_items, self.eval_items = [], []
+
+    def prompt_ids(self, item, tok) -> list:
+        """The self-edit prompt for `item`, as token ids of `tok` (the teacher's tokenizer for the teacher row)."""
+        raise NotImplementedError
+
+    def evaluate(self, m, adapter, item, text, seed) -> dict:
+        """The reward of one self-edit: train `adapter` (zeroed by the loop) as `text` directs, score `m`.
+        text None means no adaptation. Returns at least {"reward": float}; "valid" False and a "reason" mark a
+        self-edit that could not be used (it scores 0)."""
+        raise NotImplementedError
+
+    def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no pooled row")
+
+    def rl_items_for_round(self, r) -> list:
+        """The RL items of ReST-EM round r (the official knowledge run draws a new batch each round)."""
+        return self.rl_items
+
+    def select(self, records) -> list:
+        """The E-step filter (paper section 3.1); ARC's: keep every self-edit with reward 1."""
+        return keep_rewarded(records)
+
+    def choices(self, records) -> dict:
+        """What the self-edits chose, counted per setting ({setting: {value: count}}), for the report."""
+        return {}
+
+    def metrics(self, records) -> dict:
+        """Other means to print beside the reward ({name: value}), e.g. each grader's accuracy."""
+        return {}
+
+
+def keep_rewarded(records):
+    return [r for r in records if r["reward"] == 1]
+
+
+def best_per_item(records):
+    """The best self-edit of each item by reward, even one below the no-adaptation score (the official
+    knowledge run's top-1 of 5, seal-reference 2). Ties go to the first sampled."""
+    best = {}
+    for r in records:
+        if r["item"] not in best or r["reward"] > best[r["item"]]["reward"]:
+            best[r["item"]] = r
+    return list(best.values())
+
+
 # -----------------------------------------------------------------------------
 # The run folder: everything needed to resume after kill -9 and to read or plot the results.
 #   config.json          settings that change results (a resume under other values is refused)
 #   samples-<phase>.json sampled self-edits of a phase, written once, atomically, before any is evaluated
 #   evals.jsonl          one line per finished (phase, item, k) evaluation, appended and fsynced
 #   policy-round<r>/     the policy after ReST-EM round r (hub-style folder, loadable by transformers)
-#   results.json         the table: solved / total per row, beside the paper's numbers
+#   results.json         the table: reward per row, beside the paper's numbers
 
 
 def write_atomic(path: Path, text: str):
@@ -240,23 +318,24 @@ def write_atomic(path: Path, text: str):
 
 class RunFolder:
     def __init__(self, cfg: RunConfig, items: dict | None = None):
-        """items: the run's task ids by role. They join the fingerprint: a split file can change under its name."""
+        """items: the run's item ids by role. They join the fingerprint: a data file can change under its name."""
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_file = self.dir / "config.json"
         fingerprint = {**cfg.fingerprint, **({"items": items} if items else {})}
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
+            diff = {k: (old.get(k), fingerprint.get(k)) for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)}
             if diff:
-                raise SystemExit(f"{self.dir} holds a run with other settings {diff}; use another --out")
+                shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                raise SystemExit(f"{self.dir} holds a run with other settings or from an older version ({shown[:600]})"
+                                 f"; use another --out")
         else:
             write_atomic(cfg_file, json.dumps(fingerprint, indent=2))
         self.evals_file = self.dir / "evals.jsonl"
         self.done = {}
         if self.evals_file.exists():
-            lines = self.evals_file.read_text().splitlines()
-            for line in lines:
+            for line in self.evals_file.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill: drop it, it is evaluated again
@@ -291,12 +370,68 @@ def fmt_time(s):
 
 
 # -----------------------------------------------------------------------------
-# ReST-EM
+# The model's one owner, and ReST-EM
+
+
+class Learner:
+    """Owns the model's life: loads it, injects the inner-loop adapter once, zeroes it before every self-edit and
+    every sampling (so the policy is always the plain model), takes it out for the M-step and puts it back."""
+
+    def __init__(self, cfg: RunConfig, name_or_path: str):
+        self.cfg = cfg
+        self.device, self.dtype = device_and_dtype(cfg)
+        self.m = self.adapter = None
+        self.load(name_or_path)
+
+    def load(self, name_or_path):
+        if self.adapter is not None:
+            self.adapter.remove()
+        self.m = None  # free the old weights before reading the new ones
+        self.m, self.tok = model_lib.load(name_or_path, device=self.device, dtype=self.dtype)
+        self.inject()
+
+    def inject(self):
+        # the same initial A before every self-edit, as the official run's reset_lora (seal-reference 1.5)
+        self.adapter = lora.inject(self.m, r=self.cfg.inner_rank, alpha=self.cfg.inner_alpha,
+                                   targets=self.cfg.inner_targets.split(","), seed=self.cfg.seed)
+
+    def policy(self):
+        """The model with a zero adapter, i.e. exactly its weights: what samples self-edits."""
+        self.adapter.reset()
+        return self.m
+
+    def evaluate(self, domain, item, text, seed):
+        self.adapter.reset()
+        return domain.evaluate(self.m, self.adapter, item, text, seed)
+
+    def evaluate_pooled(self, domain, items, texts, seed):
+        self.adapter.reset()
+        return domain.evaluate_pooled(self.m, self.adapter, items, texts, seed)
+
+    def m_step(self, records, phase, save_to):
+        """ReST-EM M-step: supervised LoRA fine-tune on the kept (prompt, self-edit) pairs, loss on the self-edit
+        tokens only, merged into the weights (official ARC: r16 alpha16 lr 5e-5, 8 epochs, batch 5, cosine).
+        The new policy is saved to `save_to` (a hub-style folder) before the inner-loop adapter goes back in."""
+        cfg = self.cfg
+        self.adapter.remove()  # the inner-loop adapter is not part of the policy
+        examples = [(r["prompt_ids"], r["ids"] + [self.tok.eos_id]) for r in records]
+        sft = lora.inject(self.m, r=cfg.sft_rank, alpha=cfg.sft_alpha, targets=cfg.sft_targets.split(","),
+                          seed=stable_seed(cfg.seed, phase))
+        res = lora.train(self.m, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
+                         loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
+                         adapter=sft, max_len=cfg.max_len)
+        sft.merge()
+        model_lib.save(self.m, save_to, tokenizer_dir=model_lib.resolve(self.cfg.model))
+        self.inject()
+        first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
+        print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
+              f"{fmt_time(res.seconds)}", flush=True)
+        return res
 
 
 def sample_self_edits(m, tok, domain, items, n, cfg, phase):
     """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item)."""
-    prompts = [domain.prompt_ids(it) for it in items]
+    prompts = [domain.prompt_ids(it, tok) for it in items]
     t0 = time.time()
     outs = []
     if domain.template is not None:
@@ -310,13 +445,13 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase):
                                  cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
     dt = time.time() - t0
     ntok = sum(map(len, outs))
-    print(f"[{phase}] sampled {len(outs)} self-edits in {fmt_time(dt)} ({ntok / dt:.0f} tok/s)", flush=True)
+    print(f"[{phase}] sampled {len(outs)} self-edits in {fmt_time(dt)} ({ntok / max(dt, 1e-9):.0f} tok/s)", flush=True)
     return [{"item": it, "k": k, "prompt_ids": prompts[j], "ids": outs[j * n + k],
              "text": domain.answer_prefix + tok.decode(outs[j * n + k])}
             for j, it in enumerate(items) for k in range(n)]
 
 
-def evaluate_phase(run, m, domain, phase, jobs, cfg):
+def evaluate_phase(run, learner, domain, phase, jobs, cfg):
     """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder."""
     todo = [j for j in jobs if (phase, j["item"], j["k"]) not in run.done]
     if todo:
@@ -324,7 +459,7 @@ def evaluate_phase(run, m, domain, phase, jobs, cfg):
     t0 = time.time()
     for i, j in enumerate(todo):
         t1 = time.time()
-        res = domain.evaluate(m, j["item"], j["text"], seed=stable_seed(cfg.seed, phase, j["item"], j["k"]))
+        res = learner.evaluate(domain, j["item"], j["text"], seed=stable_seed(cfg.seed, phase, j["item"], j["k"]))
         rec = {"phase": phase, "item": j["item"], "k": j["k"], "text": j["text"], **res,
                "seconds": round(time.time() - t1, 2)}
         if "ids" in j:
@@ -337,78 +472,91 @@ def evaluate_phase(run, m, domain, phase, jobs, cfg):
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
-def m_step(m, records, cfg, phase, eot_id):
-    """ReST-EM M-step: supervised LoRA fine-tune on the kept (prompt, self-edit) pairs, merged into the
-    weights (official ARC: r16 alpha16, lr 5e-5, 8 epochs, batch 5, cosine, loss on the self-edit only)."""
-    import lora
-    examples = [(r["prompt_ids"], r["ids"] + [eot_id]) for r in records]
-    adapter = lora.inject(m, r=cfg.sft_rank, alpha=cfg.sft_alpha, targets=cfg.lora_targets.split(","),
-                          seed=stable_seed(cfg.seed, phase))
-    res = lora.train(m, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
-                     loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
-                     adapter=adapter, max_len=cfg.max_len)
-    adapter.merge()
-    first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
-    print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
-          f"{fmt_time(res.seconds)}", flush=True)
-    return res
+def pick_rows(domain, keys: str):
+    known = [r.key for r in domain.rows]
+    wanted = keys.split(",") if keys else known
+    unknown = [k for k in wanted if k not in known]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {unknown} (this domain has {', '.join(known)})")
+    return [r for r in domain.rows if r.key in wanted]
 
 
-def run(cfg: RunConfig):
-    import arc_domain
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "fp32": torch.float32,
-             "bf16": torch.bfloat16}[cfg.dtype]
+def run(cfg: RunConfig, domain_cls):
+    """The whole experiment for one domain: every requested row, the ReST-EM rounds, the table. Rows that use
+    the base model come first; the rounds change the weights, then the RL row is evaluated."""
     torch.manual_seed(cfg.seed)
-    m, tok = model_lib.load(cfg.model, device=device, dtype=dtype)
-    domain = {"arc": arc_domain.ArcDomain}[cfg.domain](cfg, tok)
+    learner = Learner(cfg, cfg.model)
+    domain = domain_cls(cfg, learner.tok)
+    rows = pick_rows(domain, cfg.rows)
+    if any(r.edit == TEACHER for r in rows) and not cfg.teacher:
+        raise SystemExit("the teacher row needs --teacher=MODEL (or leave it out of --rows)")
     run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items})
-    print(f"run folder {run_dir.dir}; model {cfg.model} on {device} ({dtype}); domain {cfg.domain}/{cfg.split}",
+    print(f"run folder {run_dir.dir}; model {cfg.model} on {learner.device} ({learner.dtype}); "
+          f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items",
           flush=True)
-    rows = cfg.rows.split(",")
-    phases = {}  # row name -> evaluation records
+    phases = {}  # row key -> evaluation records
 
-    def fixed(row, edit):
-        jobs = [{"item": it, "k": 0, "text": edit} for it in domain.eval_items]
-        phases[row] = evaluate_phase(run_dir, m, domain, row, jobs, cfg)
-
-    def sampled(row, items, n):
-        jobs = run_dir.samples(row, lambda: sample_self_edits(m, tok, domain, items, n, cfg, row))
-        recs = evaluate_phase(run_dir, m, domain, row, jobs, cfg)
+    def sampled(phase, items, n, m=None, tok=None):
+        m, tok = (m, tok) if m is not None else (learner.policy(), learner.tok)
+        jobs = run_dir.samples(phase, lambda: sample_self_edits(m, tok, domain, items, n, cfg, phase))
+        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)
         valid = sum(r.get("valid", True) for r in recs)
-        print(f"[{row}] valid self-edits {valid}/{len(recs)}, mean reward "
+        print(f"[{phase}] valid self-edits {valid}/{len(recs)}, mean reward "
               f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
         return recs
 
-    if "icl" in rows:
-        fixed("icl", None)
-    if "oracle" in rows:
-        fixed("oracle", cfg.oracle)
-    if "base" in rows:
-        phases["base"] = sampled("base", domain.eval_items, cfg.eval_samples)
-    if "seal" in rows:
-        for r in range(1, cfg.rounds + 1):
-            policy_dir = run_dir.dir / f"policy-round{r}"
-            if (policy_dir / "DONE").exists():  # resume: this round's M-step is done
-                if (policy_dir / "DONE").read_text().strip() == "ok":  # else "unchanged": nothing was kept
-                    domain.release(m)
-                    del m
-                    m, _ = model_lib.load(str(policy_dir), device=device, dtype=dtype)
-                    print(f"[rl{r}] policy loaded from {policy_dir}", flush=True)
-                continue
-            recs = sampled(f"rl{r}", domain.rl_items, cfg.rl_samples)
-            kept = domain.select(recs)  # E-step filter: ARC keeps every self-edit with reward 1
-            print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
-            policy_dir.mkdir(exist_ok=True)
-            if kept:
-                domain.release(m)  # drop the inner-loop adapter before changing the weights
-                res = m_step(m, kept, cfg, f"rl{r}", domain.eot_id)
-                model_lib.save(m, policy_dir, tokenizer_dir=model_lib.resolve(cfg.model))
-                write_atomic(policy_dir / "m_step.json", json.dumps(
-                    {"examples": len(kept), "steps": res.steps, "losses": res.losses, "seconds": res.seconds}))
-            (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
-        phases["seal"] = sampled("seal", domain.eval_items, cfg.eval_samples)
-    return report(run_dir, cfg, domain, phases)
+    for row in sorted(rows, key=lambda r: r.edit == RL):
+        if row.edit is None or isinstance(row.edit, str) and row.edit not in (BASE, RL, TEACHER, POOLED):
+            jobs = [{"item": it, "k": 0, "text": row.edit} for it in domain.eval_items]
+            phases[row.key] = evaluate_phase(run_dir, learner, domain, row.key, jobs, cfg)
+        elif row.edit == BASE:
+            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
+        elif row.edit == TEACHER:
+            if not run_dir.dir.joinpath(f"samples-{row.key}.json").exists():
+                t_m, t_tok = model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
+            else:
+                t_m = t_tok = None  # sampled before a resume: the teacher need not be loaded again
+            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples, t_m, t_tok)
+            del t_m
+        elif row.edit == POOLED:
+            src = next((r.key for r in rows if r.edit == BASE), None)
+            if src is None:
+                raise SystemExit(f"the {row.key} row pools the base-policy row's self-edits: ask for that row too")
+            texts = [r["text"] for r in phases[src] if r["k"] == 0]
+            if (row.key, "all", 0) not in run_dir.done:
+                t0 = time.time()
+                res = learner.evaluate_pooled(domain, domain.eval_items, texts, stable_seed(cfg.seed, row.key))
+                run_dir.log({"phase": row.key, "item": "all", "k": 0, **res, "seconds": round(time.time() - t0, 2)})
+            phases[row.key] = [run_dir.done[(row.key, "all", 0)]]
+        elif row.edit == RL:
+            for r in range(1, cfg.rounds + 1):
+                rest_em_round(run_dir, learner, domain, cfg, r)
+            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
+    return report(run_dir, cfg, domain, rows, phases)
+
+
+def rest_em_round(run_dir, learner, domain, cfg, r):
+    """One ReST-EM round (paper section 3.1): sample on the RL items, reward, keep (E-step), fine-tune (M-step).
+    A finished round is read back: its policy folder is loaded, or nothing changes if it kept nothing."""
+    policy_dir = run_dir.dir / f"policy-round{r}"
+    if (policy_dir / "DONE").exists():
+        if (policy_dir / "DONE").read_text().strip() == "ok":  # else "unchanged": nothing was kept
+            learner.load(str(policy_dir))
+            print(f"[rl{r}] policy loaded from {policy_dir}", flush=True)
+        return
+    items = domain.rl_items_for_round(r)
+    jobs = run_dir.samples(f"rl{r}", lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
+                                                                 cfg.rl_samples, cfg, f"rl{r}"))
+    recs = evaluate_phase(run_dir, learner, domain, f"rl{r}", jobs, cfg)
+    kept = domain.select(recs)
+    print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
+    policy_dir.mkdir(exist_ok=True)
+    if kept:
+        res = learner.m_step(kept, f"rl{r}", save_to=policy_dir)
+        write_atomic(policy_dir / "m_step.json", json.dumps(
+            {"examples": len(kept), "items": [k["item"] for k in kept], "steps": res.steps, "losses": res.losses,
+             "seconds": res.seconds}))
+    (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
 
 
 def round_summaries(run_dir, domain, rounds):
@@ -421,68 +569,73 @@ def round_summaries(run_dir, domain, rounds):
         ms = run_dir.dir / f"policy-round{r}" / "m_step.json"  # absent when the round kept nothing
         out.append({"round": r, "samples": len(recs), "valid": sum(x.get("valid", True) for x in recs),
                     "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
-                    "m_step": json.loads(ms.read_text()) if ms.exists() else None})
+                    "metrics": domain.metrics(recs), "m_step": json.loads(ms.read_text()) if ms.exists() else None})
     return out
 
 
-def report(run_dir, cfg, domain, phases):
-    rows = []
-    for key, label, paper in domain.rows:
-        if key not in phases:
-            continue
-        recs = phases[key]
-        solved = sum(r["reward"] for r in recs)
-        rows.append({"row": key, "method": label, "solved": solved, "total": len(recs),
-                     "rate": solved / max(1, len(recs)), "paper": paper,
-                     "valid": sum(r.get("valid", True) for r in recs), "choices": domain.choices(recs)})
-    rounds = round_summaries(run_dir, domain, cfg.rounds) if "seal" in phases else []
-    result = {"domain": cfg.domain, "split": cfg.split, "model": cfg.model, "seed": cfg.seed,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows, "rounds": rounds}
+def report(run_dir, cfg, domain, rows, phases):
+    table = []
+    for row in rows:
+        recs = phases[row.key]
+        total = sum(r.get("weight", 1) for r in recs)  # a pooled record stands for all its items' questions
+        score = sum(r["reward"] * r.get("weight", 1) for r in recs)
+        table.append({"row": row.key, "method": row.label, "score": score, "total": total,
+                      "rate": score / max(1, total), "paper": row.paper,
+                      "valid": sum(r.get("valid", True) for r in recs), "choices": domain.choices(recs),
+                      "metrics": domain.metrics(recs)})
+    rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.edit == RL for r in rows) else []
+    result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
+              "config": cfg.fingerprint, "rows": table, "rounds": rounds}
     write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
-    print(f"\n{'method':<36}{'ours':>16}{'paper':>10}")
-    for r in rows:
-        print(f"{r['method']:<36}{r['rate'] * 100:>8.1f}% ({r['solved']:g}/{r['total']}){r['paper']:>10}")
-    for r in rows:
+    print(f"\n{'method':<40}{'ours':>18}{'paper':>10}")
+    for r in table:
+        print(f"{r['method']:<40}{r['rate'] * 100:>8.1f}% ({r['score']:.3g}/{r['total']:g}){r['paper']:>10}")
+    for r in table:
+        if r["metrics"]:
+            print(f"{r['row']:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
+    for r in table:
         if any(r["choices"].values()):
-            print(f"{r['row']:>6} chose " + "; ".join(
+            print(f"{r['row']:>10} chose " + "; ".join(
                 f"{k} " + ", ".join(f"{v} x{n}" for v, n in sorted(c.items())) for k, c in r["choices"].items()))
     for r in rounds:
         ms = r["m_step"]
         what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['losses'][0]:.3g} -> "
                 f"{ms['losses'][-1]:.3g}" if ms and ms["losses"] else "no M-step, the policy is unchanged")
         print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
-              f"{r['rewarded']:g} rewarded; {what}")
+              f"reward sum {r['rewarded']:.3g}; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# CLI: `python seal.py generate`, the first thing to try. Experiments start from their domain:
+# `python -m domains.arc run ...` (what `bash train.sh arc` calls).
+
+
+@dataclass
+class GenerateConfig:
+    model: str = model_lib.OFFLINE_DEFAULT
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    chat: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 def cli_generate(argv):
-    opts = {"model": model_lib.OFFLINE_DEFAULT, "prompt": "The capital of France is", "max_new_tokens": "32",
-            "temperature": "0", "chat": "false", "device": "cpu"}
-    for a in argv:
-        k, _, v = a.lstrip("-").partition("=")
-        if k not in opts:
-            raise SystemExit(f"unknown option --{k} (known: {', '.join(opts)})")
-        opts[k] = v
-    m, tok = model_lib.load(opts["model"], device=opts["device"])
-    prompt = opts["prompt"]
-    if opts["chat"] == "true":
-        prompt = tok.chat([{"role": "user", "content": prompt}])
+    opts = parse_overrides(GenerateConfig(), argv)
+    device, dtype = device_and_dtype(opts)
+    m, tok = model_lib.load(opts.model, device=device, dtype=dtype)
+    prompt = tok.chat([{"role": "user", "content": opts.prompt}]) if opts.chat else opts.prompt
     t0 = time.time()
-    ids = generate_ids(m, tok, [tok.encode(prompt)], int(opts["max_new_tokens"]), float(opts["temperature"]))[0]
+    ids = generate_ids(m, tok, [tok.encode(prompt)], opts.max_new_tokens, opts.temperature)[0]
     dt = time.time() - t0
-    print(opts["prompt"] + tok.decode(ids))
+    print(opts.prompt + tok.decode(ids))
     print(f"--- {len(ids)} tokens in {dt:.2f}s ({len(ids) / dt:.1f} tok/s, prefill included)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("generate", "run"):
+    if len(sys.argv) < 2 or sys.argv[1] != "generate":
         raise SystemExit(__doc__)
-    if sys.argv[1] == "generate":
-        cli_generate(sys.argv[2:])
-    else:
-        run(parse_overrides(RunConfig(), sys.argv[2:]))
+    cli_generate(sys.argv[2:])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SEAL reference implementation: the one entry script.
-#   bash train.sh arc [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny preset on CPU
+#   bash train.sh arc [run|filter|policy] [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny
+#                                         preset on CPU; the preset applies to every subcommand
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by the two commands above)
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
@@ -48,15 +49,16 @@ case "$cmd" in
     exec "$PY" -m pytest -q tests "$@" ;;
   arc)
     setup
+    sub=run
+    case "${1:-}" in run|filter|policy) sub=$1; shift ;; esac
     if has_gpu; then  # the paper's setting (seal-reference.md section 1): Llama-3.2-1B-Instruct, bf16
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
     else  # SmolLM2-135M on 2 CPU cores (README: "The tiny preset")
       preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema
               --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=4 --eval_samples=1
-              --max_examples=24 --warmup=2 --sft_lr=1e-3
-              --oracle='{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": true, "use_chain_augmentations": true, "use_repeat_augmentations": true}, "training": {"strategy": "train_using_output_tokens", "learning_rate": 3e-3, "num_train_epochs": 6}}')
+              --max_examples=24 --warmup=2 --sft_lr=1e-3 --oracle=basic+size+chain+repeat:output:3e-3:6)
     fi
-    exec "$PY" seal.py run --domain=arc "${preset[@]}" "$@" ;;
+    exec "$PY" -m domains.arc "$sub" "${preset[@]}" "$@" ;;
   *)
-    sed -n '2,7p' "$0"; exit 2 ;;
+    sed -n '2,8p' "$0"; exit 2 ;;
 esac

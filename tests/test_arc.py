@@ -1,4 +1,5 @@
-"""ARC domain logic (arc.py): transforms, grid text, TTT data, eval queries, voting, self-edit parsing. CPU, fast."""
+"""ARC: the TTT toolkit (domains/arc_ttt.py: transforms, grid text, TTT data, eval queries, voting) and the self-edit
+schema, prompt and parser (domains/arc.py). CPU, fast."""
 import hashlib
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import arc  # noqa: E402
+from domains import arc as se  # noqa: E402
+from domains import arc_ttt as arc  # noqa: E402
 
 NONE = dict(basic=False, size=False, chain=False, repeat=False)
 BASIC = {**NONE, "basic": True}
@@ -52,9 +54,12 @@ def test_load_tasks_and_paper_split(tasks):
         arc.load_tasks(["6150a2bd", "nope1234"])
 
 
-@pytest.mark.skipif(not Path("/work/shared/seal-ref/arc/task_ids.json").exists(), reason="reference files absent")
+SEAL_REF = ROOT.parent / "shared" / "seal-ref"  # the official run's files, beside the project where they exist
+
+
+@pytest.mark.skipif(not (SEAL_REF / "arc" / "task_ids.json").exists(), reason="../shared/seal-ref absent")
 def test_paper_split_matches_reference_ids():
-    ref = json.loads(Path("/work/shared/seal-ref/arc/task_ids.json").read_text())
+    ref = json.loads((SEAL_REF / "arc" / "task_ids.json").read_text())
     split = arc.paper_split()
     base = lambda subtasks: list(dict.fromkeys(s.split("-")[0] for s in subtasks))
     assert split["rl"] == ref["train_task_ids_in_file"] and split["eval"] == ref["eval_task_ids_in_file"]
@@ -262,7 +267,7 @@ def test_ttt_deterministic_and_seed_dependent(tasks):
     a, b = arc.ttt_tasks(task, ALL, seed=0), arc.ttt_tasks(task, ALL, seed=0)
     assert digest(a) == digest(b)
     assert digest(arc.ttt_tasks(task, ALL, seed=1)) != digest(a)
-    code = ("import sys, hashlib; sys.path.insert(0, '.'); import arc; "
+    code = ("import sys, hashlib; sys.path.insert(0, '.'); from domains import arc_ttt as arc; "
             "t = arc.load_tasks(['6e02f1e3'])['6e02f1e3']; "
             "print(hashlib.sha256(repr([arc._key(c) for c in arc.ttt_tasks(t, {k: True for k in arc.AUG_GROUPS}, seed=0)]).encode()).hexdigest())")
     for hashseed in ("1", "12345"):
@@ -370,32 +375,32 @@ PAPER = ('{"data_generation": {"use_basic_augmentations": true, "use_size_augmen
 
 def test_self_edit_prompt(tasks):
     task = tasks["6150a2bd"]
-    system, user = arc.self_edit_prompt(task, "numpy", "between 1e-5 and 1e-3")
+    system, user = se.self_edit_prompt(task, "numpy", "between 1e-5 and 1e-3")
     assert system["role"] == "system" and user["role"] == "user"
     text = user["content"]
     assert text.startswith("Input:\n" + "\n".join(" ".join(map(str, r)) for r in task.train[0][0].tolist()) + "\n\nOutput:\n")
-    assert "\n------\n" in text and "between 1e-5 and 1e-3" in text and arc.SKELETON in text
+    assert "\n------\n" in text and "between 1e-5 and 1e-3" in text and se.SKELETON in text
     for key in ("use_basic_augmentations", "use_repeat_augmentations", "train_using_output_tokens", "num_train_epochs"):
         assert key in text
     test_rows = "\n".join(" ".join(map(str, r)) for r in task.test[0][0].tolist())
     assert test_rows not in text                                    # the test input is never shown
-    compact = arc.self_edit_prompt(task, "compact", "x")[1]["content"]
+    compact = se.self_edit_prompt(task, "compact", "x")[1]["content"]
     assert "\n" + "".join(map(str, task.train[0][0][0])) + "\n" in compact
 
 
 def test_parse_self_edit_valid():
-    edit, reason = arc.parse_self_edit(PAPER)
-    assert reason == "ok" and edit == arc.SelfEdit(True, False, False, False, "all", 1e-5, 3)
+    edit, reason = se.parse_self_edit(PAPER)
+    assert reason == "ok" and edit == se.SelfEdit(True, False, False, False, "all", 1e-5, 3)
     assert edit.aug == {**NONE, "basic": True}
-    assert arc.parse_self_edit(edit.to_json())[0] == edit
-    cont = PAPER[len(arc.SKELETON_PREFIX):]
-    assert arc.parse_self_edit(arc.SKELETON_PREFIX + cont + "<|eot_id|> and {more}")[0] == edit
-    assert arc.parse_self_edit("Sure! ```json\n" + PAPER + "\n```")[0] == edit
-    e2, _ = arc.parse_self_edit(PAPER.replace("train_using_all_tokens", "train_using_output_tokens")
+    assert se.parse_self_edit(edit.to_json())[0] == edit
+    cont = PAPER[len(se.SKELETON_PREFIX):]
+    assert se.parse_self_edit(se.SKELETON_PREFIX + cont + "<|eot_id|> and {more}")[0] == edit
+    assert se.parse_self_edit("Sure! ```json\n" + PAPER + "\n```")[0] == edit
+    e2, _ = se.parse_self_edit(PAPER.replace("train_using_all_tokens", "train_using_output_tokens")
                                 .replace('"num_train_epochs": 3', '"num_train_epochs": 4.0').replace("1e-5", "1"))
     assert (e2.loss, e2.epochs, e2.lr) == ("output", 4, 1.0) and isinstance(e2.epochs, int)
     odd = PAPER.replace('"training"', '"note": "braces } { and \\" quotes", "training"')
-    assert arc.parse_self_edit(odd)[0] == edit
+    assert se.parse_self_edit(odd)[0] == edit
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -426,13 +431,13 @@ def test_parse_self_edit_valid():
     (PAPER.replace('"training"', '"data_generation": {}, "training"'), "duplicate key 'data_generation'"),
 ])
 def test_parse_self_edit_reasons(text, reason):
-    assert arc.parse_self_edit(text) == (None, reason)
+    assert se.parse_self_edit(text) == (None, reason)
 
 
 def test_parse_self_edit_bounds_configurable():
-    assert arc.parse_self_edit(PAPER, lr_range=(1e-4, 1e-3))[0] is None
-    assert arc.parse_self_edit(PAPER, epoch_range=(1, 2))[0] is None
-    assert arc.parse_self_edit(PAPER, lr_range=(0, 1e-5))[0] is not None
+    assert se.parse_self_edit(PAPER, lr_range=(1e-4, 1e-3))[0] is None
+    assert se.parse_self_edit(PAPER, epoch_range=(1, 2))[0] is None
+    assert se.parse_self_edit(PAPER, lr_range=(0, 1e-5))[0] is not None
 
 
 def test_parse_self_edit_never_raises():
@@ -457,7 +462,7 @@ def test_parse_self_edit_never_raises():
         inputs.append("".join(s))
     valid = 0
     for text in inputs:
-        edit, reason = arc.parse_self_edit(text)
+        edit, reason = se.parse_self_edit(text)
         assert isinstance(reason, str) and reason and len(reason) < 120
         assert (edit is None) != (reason == "ok")
         if edit is not None:

