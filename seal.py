@@ -239,11 +239,13 @@ class Row:
     """One row of a results table. edit says where each evaluation item's self-edit comes from:
     None: no adaptation; a string: that fixed self-edit for every item; BASE / RL / TEACHER: sampled from the
     base policy, the policy after the ReST-EM rounds, or --teacher; POOLED: the BASE row's self-edits of all
-    evaluation items trained into one adapter, then every item evaluated (continued pretraining)."""
+    evaluation items trained into one adapter, then every item evaluated (continued pretraining).
+    after_round: for an RL row, the ReST-EM round after which it is sampled (0: the last, cfg.rounds)."""
     key: str
     label: str
     paper: str      # the paper's number for this row, as printed there
     edit: object = None
+    after_round: int = 0
 
 
 class Domain:
@@ -408,6 +410,11 @@ class Learner:
         self.adapter.reset()
         return domain.evaluate_pooled(self.m, self.adapter, items, texts, seed)
 
+    def merge_adapter(self):
+        """Fold the inner-loop adapter into the weights for good (the forgetting experiment), then a fresh one."""
+        self.adapter.merge()
+        self.inject()
+
     def m_step(self, records, phase, save_to):
         """ReST-EM M-step: supervised LoRA fine-tune on the kept (prompt, self-edit) pairs, loss on the self-edit
         tokens only, merged into the weights (official ARC: r16 alpha16 lr 5e-5, 8 epochs, batch 5, cosine).
@@ -472,9 +479,12 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg):
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
-def pick_rows(domain, keys: str):
+def pick_rows(domain, keys: str, cfg):
+    """The rows asked for by key. By default all of them, less the teacher row when no --teacher is given and
+    less an RL row of round >= --rounds (the final RL row is that policy already)."""
     known = [r.key for r in domain.rows]
-    wanted = keys.split(",") if keys else known
+    redundant = lambda r: r.edit == TEACHER and not cfg.teacher or r.edit == RL and r.after_round >= cfg.rounds
+    wanted = keys.split(",") if keys else [r.key for r in domain.rows if not redundant(r)]
     unknown = [k for k in wanted if k not in known]
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown} (this domain has {', '.join(known)})")
@@ -487,7 +497,7 @@ def run(cfg: RunConfig, domain_cls):
     torch.manual_seed(cfg.seed)
     learner = Learner(cfg, cfg.model)
     domain = domain_cls(cfg, learner.tok)
-    rows = pick_rows(domain, cfg.rows)
+    rows = pick_rows(domain, cfg.rows, cfg)
     if any(r.edit == TEACHER for r in rows) and not cfg.teacher:
         raise SystemExit("the teacher row needs --teacher=MODEL (or leave it out of --rows)")
     run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items})
@@ -505,7 +515,9 @@ def run(cfg: RunConfig, domain_cls):
               f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
         return recs
 
-    for row in sorted(rows, key=lambda r: r.edit == RL):
+    last_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
+    rounds_done = 0
+    for row in sorted(rows, key=lambda r: (r.edit == RL, last_round(r) if r.edit == RL else 0)):
         if row.edit is None or isinstance(row.edit, str) and row.edit not in (BASE, RL, TEACHER, POOLED):
             jobs = [{"item": it, "k": 0, "text": row.edit} for it in domain.eval_items]
             phases[row.key] = evaluate_phase(run_dir, learner, domain, row.key, jobs, cfg)
@@ -529,8 +541,9 @@ def run(cfg: RunConfig, domain_cls):
                 run_dir.log({"phase": row.key, "item": "all", "k": 0, **res, "seconds": round(time.time() - t0, 2)})
             phases[row.key] = [run_dir.done[(row.key, "all", 0)]]
         elif row.edit == RL:
-            for r in range(1, cfg.rounds + 1):
+            for r in range(rounds_done + 1, last_round(row) + 1):
                 rest_em_round(run_dir, learner, domain, cfg, r)
+            rounds_done = max(rounds_done, last_round(row))
             phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
     return report(run_dir, cfg, domain, rows, phases)
 

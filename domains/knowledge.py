@@ -1,0 +1,493 @@
+"""
+Knowledge incorporation as a SEAL domain (paper section 4.1, Table 2): the model reads a passage and writes a
+self-edit (implications of the passage, or rewrites, or questions and answers); a LoRA fine-tune on those lines
+and the passage puts them into the weights; the adapted model then answers questions about the passage
+*without seeing it*. Its accuracy is the reward; ReST-EM keeps each passage's best self-edit and clones it.
+
+    python -m domains.knowledge run                      # what `bash train.sh knowledge` calls (Table 2's rows)
+    python -m domains.knowledge filter --configs=qv:32:1e-3:10,all:32:1e-3:30   # which inner loop works here
+    python -m domains.knowledge forget                   # catastrophic forgetting: edits merged one after another
+    python -m domains.knowledge squad --squad=dev-v1.1.json   # the paper's passage selection from SQuAD
+
+Data: a JSON list of {"title", "context", "questions": [{"question", "answer"}]} (the official format). The
+default is data/knowledge/: passages about fictional people, places and things, so that no model knows an answer
+beforehand and every gain is knowledge the inner loop put into the weights.
+"""
+import json
+import random
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lora
+import seal
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "knowledge"
+ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class KnowledgeConfig(seal.RunConfig):
+    """The official knowledge run's settings (seal-reference 2), Qwen2.5-7B base; the CPU preset is in train.sh."""
+    model: str = "Qwen/Qwen2.5-7B"
+    out: str = "runs/knowledge"
+    eval_data: str = str(DATA / "fictional-eval.json")
+    rl_data: str = str(DATA / "fictional-rl.json")
+    n_eval: int = 0                 # evaluation passages: the first n of eval_data (0: all; the paper: 200)
+    n_rl: int = 0                   # RL passages per round, round r takes the r-th batch of rl_data (0: the file
+                                    # split evenly over the rounds; the paper: 50)
+    rounds: int = 2
+    rl_samples: int = 5             # self-edits per RL passage; the best one is kept
+    eval_samples: int = 1
+    se_temperature: float = 1.0
+    se_top_p: float = 0.95
+    se_max_tokens: int = 8192
+    prompt: str = "implications"    # implications | implications-long | rewrite | self-qa
+    chat: bool = False              # the chat format (instruct models); the paper's base model takes plain text
+    # inner loop (TTT_server): LoRA r32 alpha64 on q, v; lr 1e-3, 10 epochs, batch 1, linear decay
+    inner_lr: float = 1e-3
+    inner_epochs: int = 10
+    inner_batch: int = 1
+    eval_times: int = 3             # inner-loop runs per self-edit; the reward is their mean accuracy
+    # answering and grading
+    answer_tokens: int = 64
+    grader: str = "lenient"         # what the reward counts: exact | f1 | lenient | judge (see GRADERS)
+    judge: str = ""                 # a local model asked yes/no, as the paper asked GPT-4.1 (needed by grader=judge)
+    # M-step (train_SFT): LoRA r64 alpha128 on all 7 projections, lr 3e-4, 2 epochs, batch 1 x GA 5 x 2 GPUs
+    sft_rank: int = 64
+    sft_alpha: float = 128.0
+    sft_targets: str = ALL_PROJ
+    sft_lr: float = 3e-4
+    sft_epochs: int = 2
+    sft_batch: int = 10
+    # continued pretraining (the cpt row): every evaluation passage's self-edits in one adapter (v1) or full FT (v2)
+    cpt_mode: str = "lora"          # lora | full
+    cpt_lr: float = 1e-3
+    cpt_epochs: int = 3
+    cpt_batch: int = 8              # bs 4 x GA 2
+    max_len: int = 2048             # the official inner loop's sequence length
+    n_forget: int = 8               # passages in the forgetting sequence (official: 8)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_passages(path, n=None, what="data"):
+    """A JSON list in the official format, checked: a bad file stops the run here with the reason."""
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"--{what}={path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--{what}={path}: not JSON ({e})") from None
+    if not isinstance(data, list):
+        raise SystemExit(f"--{what}={path}: expected a JSON list of passages")
+    for i, d in enumerate(data):
+        ok = (isinstance(d, dict) and isinstance(d.get("title"), str) and isinstance(d.get("context"), str)
+              and d["context"].strip() and isinstance(d.get("questions"), list))
+        if not ok:
+            raise SystemExit(f"--{what}={path}: passage {i} needs a title, a non-empty context and a questions list")
+        if not d["questions"]:
+            raise SystemExit(f"--{what}={path}: passage {i} ({d['title']!r}) has no questions")
+        for q in d["questions"]:
+            if not (isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
+                    and q["answer"].strip()):
+                raise SystemExit(f"--{what}={path}: passage {i} ({d['title']!r}): each question needs a question "
+                                 f"and a non-empty answer string")
+    if n is not None and n > len(data):
+        raise SystemExit(f"--{what}={path} has {len(data)} passages, {n} asked for")
+    return data[:n] if n is not None else data
+
+
+def squad_selection(squad_file, seed=42, start=0, n=200):
+    """The paper's passages from a SQuAD v1.1 file: every (title, paragraph) with its questions (first answer),
+    shuffled with random.seed(seed), then [start:start+n] (seal-reference 2: dev, first 200 for evaluation)."""
+    raw = json.loads(Path(squad_file).read_text())["data"]
+    out = [{"title": a["title"], "context": p["context"],
+            "questions": [{"question": q["question"], "answer": q["answers"][0]["text"]} for q in p["qas"]]}
+           for a in raw for p in a["paragraphs"]]
+    random.seed(seed)
+    random.shuffle(out)
+    return out[start:start + n]
+
+
+# -----------------------------------------------------------------------------
+# Prompts (seal-reference 2; the project's own words) and self-edit -> training sequences
+
+PROMPTS = {
+    "implications": ("Read the passage and list what follows from it: facts it states and conclusions you can "
+                     "draw from them, one per line.", "Implications:"),
+    "implications-long": ("Read the passage and list everything that follows from it, in detail: every fact it "
+                          "states, restated in its own sentence, and every conclusion drawn from them, one per "
+                          "line.", "Implications:"),
+    "rewrite": ("Rewrite the passage in several different ways, keeping every fact, one rewrite per line.",
+                "Rewrites:"),
+    "self-qa": ("Write questions about the passage, each followed by its answer, covering every fact in it.",
+                "Questions and answers:"),
+}
+SELF_QA_START = "Question 1: "  # a self-qa completion starts here (official)
+
+
+def self_edit_prompt(passage, variant):
+    """(instruction with the passage, answer header): the plain-text prompt is their concatenation."""
+    if variant not in PROMPTS:
+        raise SystemExit(f"--prompt={variant!r}: expected one of {', '.join(PROMPTS)}")
+    ask, header = PROMPTS[variant]
+    return f"{ask}\n\nPassage:\n{passage['title']}\n{passage['context']}", header
+
+
+def self_edit_lines(text, variant):
+    """The self-edit's training texts, as the official run splits them: on '---', then one per non-empty line
+    (a first preamble line is dropped when the list starts on line 2 with '1.'); self-qa splits at 'Question N:'."""
+    if variant == "self-qa":
+        parts = re.split(r"(?=Question \d+:)", text)
+        return [p.strip() for p in parts if p.strip()]
+    out = []
+    for chunk in text.split("---"):
+        lines = [ln.strip() for ln in chunk.splitlines() if ln.strip()]
+        if len(lines) > 1 and lines[1].startswith("1."):
+            lines = lines[1:]
+        out += lines
+    return out
+
+
+def training_texts(passage, text, variant):
+    """Each self-edit line prefixed with the title, then the passage itself (always trained; alone for the
+    'train on passage' row, where the self-edit is empty)."""
+    lines = self_edit_lines(text, variant) if text else []
+    return [f"{passage['title']}\n{line}" for line in lines] + [f"{passage['title']}\n{passage['context']}"]
+
+
+def question_prompt(passage, q):
+    """The question without the passage; short answers are what the graders can check."""
+    return f"Answer with a few words only.\nTopic: {passage['title']}\nQuestion: {q['question']}", "Answer:"
+
+
+# -----------------------------------------------------------------------------
+# Grading with no API key: SQuAD v1.1's own answer normalisation, exact match and token F1, and a lenient match
+
+
+def normalize(s):
+    """SQuAD's normalize_answer: lower case, no punctuation, no articles, single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def exact(pred, gold):
+    return float(normalize(pred) == normalize(gold))
+
+
+def f1(pred, gold):
+    p, g = normalize(pred).split(), normalize(gold).split()
+    same = sum((Counter(p) & Counter(g)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lenient(pred, gold):
+    """The normalised gold answer appears, as whole words, in the normalised prediction: "In 1908 it opened"
+    answers "1908". Empty gold or prediction is wrong."""
+    p, g = normalize(pred), normalize(gold)
+    return float(bool(g) and bool(p) and f" {g} " in f" {p} ")
+
+
+GRADERS = {"exact": exact, "f1": f1, "lenient": lenient}
+
+
+def judge_says_yes(reply):
+    """The official rule: yes only if "yes" appears and "no" does not."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    return "yes" in words and "no" not in words
+
+
+class Judge:
+    """A local model asked yes/no whether the answer conveys the gold answer without contradicting it, as the
+    paper asked GPT-4.1. Loaded once; greedy, a few tokens."""
+
+    def __init__(self, path, device, dtype):
+        import model as model_lib
+        self.m, self.tok = model_lib.load(path, device=device, dtype=dtype)
+
+    def __call__(self, questions, preds, golds):
+        prompts = []
+        for q, p, g in zip(questions, preds, golds):
+            msg = (f"Question: {q}\nReference answer: {g}\nStudent answer: {p}\nDoes the student answer convey the "
+                   f"reference answer without contradicting it? Reply yes or no.")
+            prompts.append(self.tok.chat([{"role": "user", "content": msg}]))
+        replies = seal.generate(self.m, self.tok, prompts, max_new_tokens=4)
+        return [float(bool(p.strip()) and judge_says_yes(r)) for p, r in zip(preds, replies)]
+
+
+# -----------------------------------------------------------------------------
+# The domain
+
+
+class Knowledge(seal.Domain):
+    """Items are passages: "e003" is the 4th evaluation passage, "r051" the 52nd RL passage."""
+    rows = (seal.Row("base", "Base model (no adaptation)", "32.7", None),
+            seal.Row("passage", "Train on passage", "33.5", ""),
+            seal.Row("self_edit", "Passage + self-edits (base policy)", "39.7", seal.BASE),
+            seal.Row("cpt", "CPT: all passages' self-edits, one adapter", "41.0 (v2 50.6)", seal.POOLED),
+            seal.Row("teacher", "Passage + teacher's self-edits", "46.3 (GPT-4.1)", seal.TEACHER),
+            seal.Row("seal_r1", "SEAL, ReST-EM round 1", "42.7", seal.RL, after_round=1),
+            seal.Row("seal", "SEAL, ReST-EM round 2", "47.0", seal.RL))
+
+    def __init__(self, cfg: KnowledgeConfig, tok):
+        super().__init__(cfg, tok)
+        if cfg.grader not in (*GRADERS, "judge"):
+            raise SystemExit(f"--grader={cfg.grader!r}: expected {', '.join(GRADERS)} or judge")
+        if cfg.grader == "judge" and not cfg.judge:
+            raise SystemExit("--grader=judge needs --judge=MODEL (a local model asked yes/no)")
+        if cfg.cpt_mode not in ("lora", "full"):
+            raise SystemExit(f"--cpt_mode={cfg.cpt_mode!r}: expected lora or full")
+        self_edit_prompt({"title": "", "context": ""}, cfg.prompt)  # a bad --prompt stops here
+        ev = load_passages(cfg.eval_data, cfg.n_eval or None, "eval_data")
+        rl = load_passages(cfg.rl_data, cfg.n_rl * cfg.rounds or None, "rl_data")
+        self.n_rl = cfg.n_rl or len(rl) // max(1, cfg.rounds)
+        self.passages = {f"e{i:03d}": p for i, p in enumerate(ev)} | {f"r{i:03d}": p for i, p in enumerate(rl)}
+        self.eval_items = [f"e{i:03d}" for i in range(len(ev))]
+        self.rl_items = [f"r{i:03d}" for i in range(self.n_rl * cfg.rounds)]
+        overlap = {p["context"] for p in ev} & {p["context"] for p in rl}
+        if overlap:
+            raise SystemExit(f"{len(overlap)} passage(s) are in both eval_data and rl_data: RL must not see them")
+        self.answer_prefix = SELF_QA_START if cfg.prompt == "self-qa" else ""
+        self.select = seal.best_per_item  # the official top-1 of k per passage
+        self.judge = Judge(cfg.judge, *seal.device_and_dtype(cfg)) if cfg.judge else None
+
+    def rl_items_for_round(self, r):
+        n = self.n_rl
+        return self.rl_items[(r - 1) * n:r * n]  # each round its own batch of passages (official)
+
+    def _text(self, tok, ask, header, prefix=""):
+        if self.cfg.chat:
+            return tok.chat([{"role": "user", "content": ask}]) + prefix
+        return f"{ask}\n\n{header}\n{prefix}"
+
+    def prompt_ids(self, item, tok):
+        return tok.encode(self._text(tok, *self_edit_prompt(self.passages[item], self.cfg.prompt), self.answer_prefix))
+
+    def sequences(self, passage, text):
+        """Training examples: (empty prompt, title + text + end of text) per line, loss on every token."""
+        return [([], self.tok.encode(t) + [self.tok.eos_id])
+                for t in training_texts(passage, text, self.cfg.prompt)]
+
+    def answers(self, m, passages):
+        """Greedy answers to every question of the given passages, the passages absent, in one batch each."""
+        prompts, where = [], []
+        for p in passages:
+            for q in p["questions"]:
+                prompts.append(self.tok.encode(self._text(self.tok, *question_prompt(p, q))))
+                where.append((p, q))
+        texts = seal.generate(m, self.tok, prompts, max_new_tokens=self.cfg.answer_tokens, stop=("\n",),
+                              batch_size=self.cfg.eval_batch)
+        return [t.strip() for t in texts], where
+
+    def grade(self, preds, where):
+        """{grader: [score per question]}."""
+        golds = [q["answer"] for _, q in where]
+        out = {name: [fn(p, g) for p, g in zip(preds, golds)] for name, fn in GRADERS.items()}
+        if self.judge is not None:
+            out["judge"] = self.judge([q["question"] for _, q in where], preds, golds)
+        return out
+
+    def train(self, m, adapter, examples, seed, lr=None, epochs=None, batch=None, params=None):
+        cfg = self.cfg
+        return lora.train(m, examples, lr=lr or cfg.inner_lr, epochs=epochs or cfg.inner_epochs,
+                          batch_size=batch or cfg.inner_batch, loss_on="all", schedule="linear", warmup=0,
+                          seed=seed, adapter=None if params else adapter, params=params, max_len=cfg.max_len)
+
+    def evaluate(self, m, adapter, item, text, seed):
+        """Mean accuracy over eval_times inner-loop runs (one run without adaptation when text is None). Each run
+        draws a fresh LoRA A, as the official server re-initialised its adapter on every request."""
+        p = self.passages[item]
+        out = {"reward": 0.0, "valid": True, "reason": "", "title": p["title"]}
+        runs, scores = [], {}
+        for t in range(1 if text is None else self.cfg.eval_times):
+            run = {}
+            if text is not None:
+                adapter.reset(seed=seed + t)
+                examples = self.sequences(p, text)
+                res = self.train(m, adapter, examples, seed + t)
+                run.update(sequences=len(examples), steps=res.steps, loss_first=res.losses[0] if res.losses else None,
+                           loss_last=res.losses[-1] if res.losses else None, train_seconds=round(res.seconds, 2))
+                if res.failed:  # a non-finite loss: this run scores 0, the run goes on
+                    run["failed"] = res.failed
+                    runs.append(run)
+                    for name in (*GRADERS, *(["judge"] if self.judge else [])):
+                        scores.setdefault(name, []).append(0.0)
+                    continue
+            preds, where = self.answers(m, [p])
+            graded = self.grade(preds, where)
+            run["answers"] = preds
+            for name, s in graded.items():
+                scores.setdefault(name, []).append(sum(s) / len(s))
+            runs.append(run)
+        out["runs"] = runs
+        out["accuracy"] = {name: sum(v) / len(v) for name, v in scores.items()}
+        out["reward"] = out["accuracy"][self.cfg.grader]
+        if text is not None and not self_edit_lines(text, self.cfg.prompt):
+            out["empty"] = True  # nothing but the passage was trained
+        if any("failed" in r for r in runs):
+            out["valid"], out["reason"] = False, runs[-1].get("failed") or "training failed"
+        return out
+
+    def evaluate_pooled(self, m, adapter, items, texts, seed):
+        """Continued pretraining (Table 2's n-passage column): every passage's self-edit lines and the passages
+        in one adapter (v1) or one full fine-tune (v2), then every question of every passage."""
+        cfg = self.cfg
+        examples = [e for it, t in zip(items, texts) for e in self.sequences(self.passages[it], t)]
+        params, saved = None, None
+        if cfg.cpt_mode == "full":  # every base weight trains; they are put back afterwards
+            params = [p for n, p in m.named_parameters() if "lora_" not in n]
+            saved = [p.detach().clone() for p in params]
+            for p in params:
+                p.requires_grad_(True)
+        try:
+            res = self.train(m, adapter, examples, seed, cfg.cpt_lr, cfg.cpt_epochs, cfg.cpt_batch, params)
+            preds, where = self.answers(m, [self.passages[it] for it in items])
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+                        p.requires_grad_(False)
+        graded = self.grade(preds, where)
+        acc = {name: sum(s) / len(s) for name, s in graded.items()}
+        return {"reward": acc[cfg.grader], "accuracy": acc, "weight": len(items), "valid": not res.failed,
+                "reason": res.failed or "", "sequences": len(examples), "steps": res.steps,
+                "train_seconds": round(res.seconds, 2), "answers": preds}
+
+    def metrics(self, records):
+        """Every grader's mean accuracy side by side, and how many lines the self-edits had."""
+        recs = [r for r in records if "accuracy" in r]
+        if not recs:
+            return {}
+        weights = [r.get("weight", 1) for r in recs]
+        out = {name: sum(r["accuracy"][name] * w for r, w in zip(recs, weights)) / sum(weights)
+               for name in recs[0]["accuracy"]}
+        with_text = [r for r in recs if r.get("text")]
+        if with_text:
+            out["self_edit_lines"] = sum(len(self_edit_lines(r["text"], self.cfg.prompt))
+                                         for r in with_text) / len(with_text)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# filter: which inner loop puts a passage into this model's weights (the paper's r32 on q, v teaches a 135M
+# model nothing; see README). forget: catastrophic forgetting. squad: the paper's passage selection.
+
+
+@dataclass
+class FilterConfig(KnowledgeConfig):
+    configs: str = "qv:32:1e-3:10"  # targets:rank:lr:epochs, targets qv (q_proj, v_proj) or all (7 projections)
+    n_filter: int = 4               # evaluation passages to try each config on
+
+
+def filter_configs(argv):
+    """Accuracy after training on the passage alone, per inner-loop configuration, with the loss it reached."""
+    cfg = seal.parse_overrides(FilterConfig(), argv)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = Knowledge(cfg, learner.tok)
+    items = dom.eval_items[:cfg.n_filter]
+    base = [learner.evaluate(dom, it, None, 0)["accuracy"] for it in items]
+    mean = lambda accs: ", ".join(f"{k} {sum(a[k] for a in accs) / len(accs):.2f}" for k in accs[0])
+    print(f"{len(items)} passages; no adaptation: {mean(base)}", flush=True)
+    for spec in cfg.configs.split(","):
+        try:
+            targets, rank, lr, epochs = spec.split(":")
+            targets = {"qv": "q_proj,v_proj", "all": ALL_PROJ}[targets]
+            rank, lr, epochs = int(rank), float(lr), int(epochs)
+        except (ValueError, KeyError):
+            raise SystemExit(f"--configs: {spec!r} is not targets:rank:lr:epochs (targets qv or all)") from None
+        c = FilterConfig(**{**vars(cfg), "inner_targets": targets, "inner_rank": rank, "inner_alpha": 2.0 * rank,
+                            "inner_lr": lr, "inner_epochs": epochs, "eval_times": 1})
+        learner.cfg, dom.cfg = c, c
+        learner.adapter.remove()
+        learner.inject()
+        t0 = time.time()
+        recs = [learner.evaluate(dom, it, "", seal.stable_seed(cfg.seed, "filter", it)) for it in items]
+        loss = sum(r["runs"][0]["loss_last"] for r in recs) / len(recs)
+        print(f"{spec}: {mean([r['accuracy'] for r in recs])}; final loss {loss:.3f}; "
+              f"{(time.time() - t0) / len(items):.0f}s per passage", flush=True)
+        for it, r in zip(items, recs):
+            print(f"   {it} {dom.passages[it]['title']}: {r['runs'][0]['answers']}", flush=True)
+
+
+def forget(argv):
+    """Catastrophic forgetting (paper section 5): passages edited in sequence, each self-edit's adapter merged into
+    the weights in turn; after every step, the accuracy on every passage of the sequence. Row 0 is the base model."""
+    cfg = seal.parse_overrides(KnowledgeConfig(), argv)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = Knowledge(cfg, learner.tok)
+    items = dom.eval_items[:cfg.n_forget]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    acc = lambda it: dom.evaluate(learner.m, learner.adapter, it, None, 0)["reward"]
+    matrix = [[acc(it) for it in items]]
+    texts = []
+    for step, it in enumerate(items, 1):
+        job = seal.sample_self_edits(learner.policy(), learner.tok, dom, [it], 1, cfg, f"forget{step}")[0]
+        texts.append(job["text"])
+        learner.adapter.reset(seed=seal.stable_seed(cfg.seed, "forget", step))
+        dom.train(learner.m, learner.adapter, dom.sequences(dom.passages[it], job["text"]), seed=step)
+        learner.merge_adapter()
+        matrix.append([acc(j) for j in items])
+        print(f"after edit {step} ({it}): " + " ".join(f"{a:.2f}" for a in matrix[-1]), flush=True)
+    result = {"items": items, "titles": [dom.passages[i]["title"] for i in items], "grader": cfg.grader,
+              "matrix": matrix, "self_edits": texts, "model": cfg.model, "seed": cfg.seed}
+    seal.write_atomic(out / "forgetting.json", json.dumps(result, indent=2))
+    print(f"forgetting matrix (row i: after i merged edits; column j: passage j): {out / 'forgetting.json'}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return result
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xlabel("passage")
+    ax.set_ylabel("edits merged")
+    ax.set_title("accuracy after sequential self-edits")
+    fig.colorbar(im)
+    fig.savefig(out / "forgetting.png", dpi=120, bbox_inches="tight")
+    return result
+
+
+@dataclass
+class SquadConfig:
+    squad: str = ""                 # SQuAD v1.1 dev-v1.1.json (or train)
+    seed: int = 42
+    start: int = 0
+    n: int = 200
+    out: str = "data/knowledge/squad-eval.json"
+
+
+def squad(argv):
+    cfg = seal.parse_overrides(SquadConfig(), argv)
+    if not cfg.squad:
+        raise SystemExit("squad: give --squad=PATH/dev-v1.1.json")
+    sel = squad_selection(cfg.squad, cfg.seed, cfg.start, cfg.n)
+    Path(cfg.out).write_text(json.dumps(sel, indent=1) + "\n")
+    print(f"{len(sel)} passages, {sum(len(p['questions']) for p in sel)} questions -> {cfg.out}")
+
+
+def main(argv):
+    commands = {"run": lambda a: seal.run(seal.parse_overrides(KnowledgeConfig(), a), Knowledge),
+                "filter": filter_configs, "forget": forget, "squad": squad}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(__doc__)
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,216 @@
+"""Knowledge incorporation (domains/knowledge.py): graders, self-edit splitting, the shipped data, and the domain
+through the shared loop on a tiny random model (end to end, resume, CPT, forgetting, bad input)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+import seal
+from conftest import LLAMA, ROOT, random_model
+from domains import knowledge as kn
+
+SEAL_REF = ROOT.parent / "shared" / "seal-ref" / "knowledge"
+
+
+# -----------------------------------------------------------------------------
+# Graders: SQuAD v1.1's normalisation, exact match and F1 (evaluate-v1.1.py), and the lenient match
+
+
+@pytest.mark.parametrize("text, norm", [
+    ("The Cat's  hat!", "cats hat"), ("An apple, a pear and THE end.", "apple pear and end"),
+    ("  1,908 ", "1908"), ("theatre anthem", "theatre anthem"), ("", "")])
+def test_normalize_as_squad(text, norm):
+    assert kn.normalize(text) == norm
+
+
+@pytest.mark.parametrize("pred, gold, em, f1, lenient", [
+    ("Pebblemouth", "Pebblemouth", 1, 1.0, 1),
+    ("the town of Pebblemouth.", "Pebblemouth", 0, 0.5, 1),             # "town of pebblemouth": p 1/3, r 1
+    ("cat sat", "the cat sat on mat", 0, 2 * 1 * 0.5 / 1.5, 0),
+    ("in 1908", "1908", 0, 2 / 3, 1),
+    ("19089", "1908", 0, 0.0, 0),                                        # whole words only
+    ("", "1908", 0, 0.0, 0),
+    ("red red red", "red", 0, 0.5, 1),                                   # SQuAD counts common tokens with Counter
+])
+def test_graders_pinned(pred, gold, em, f1, lenient):
+    assert kn.exact(pred, gold) == em
+    assert kn.f1(pred, gold) == pytest.approx(f1)
+    assert kn.lenient(pred, gold) == lenient
+
+
+def test_judge_reply_rule():
+    assert kn.judge_says_yes("Yes.") and kn.judge_says_yes("yes, it does")
+    assert not kn.judge_says_yes("Yes and no") and not kn.judge_says_yes("No") and not kn.judge_says_yes("")
+
+
+# -----------------------------------------------------------------------------
+# Self-edits -> training sequences (the official build_train_sequences rules)
+
+P = {"title": "Gannet Clock Tower", "context": "It was built in 1908.", "questions": [{"question": "q", "answer": "1908"}]}
+
+
+def test_implication_lines_drop_the_preamble_and_split_on_dashes():
+    text = "Here are some implications:\n1. It is old.\n\n2. It has a gannet.\n---\nIt stands on a pier.\n"
+    assert kn.self_edit_lines(text, "implications") == ["1. It is old.", "2. It has a gannet.", "It stands on a pier."]
+    assert kn.self_edit_lines("A.\nB.", "rewrite") == ["A.", "B."]           # no "1." on line 2: nothing dropped
+    assert kn.self_edit_lines("  \n\n", "implications") == []
+
+
+def test_self_qa_splits_at_question_numbers():
+    text = "Question 1: When? Answer: 1908.\nQuestion 2: Who?\nAnswer: Lionel."
+    assert kn.self_edit_lines(text, "self-qa") == ["Question 1: When? Answer: 1908.", "Question 2: Who?\nAnswer: Lionel."]
+
+
+def test_training_texts_prefix_the_title_and_end_with_the_passage():
+    assert kn.training_texts(P, "It is old.\nIt chimes.", "implications") == [
+        "Gannet Clock Tower\nIt is old.", "Gannet Clock Tower\nIt chimes.", "Gannet Clock Tower\nIt was built in 1908."]
+    assert kn.training_texts(P, "", "implications") == ["Gannet Clock Tower\nIt was built in 1908."]  # passage only
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def test_shipped_data_is_well_formed_and_disjoint():
+    ev = kn.load_passages(kn.DATA / "fictional-eval.json")
+    rl = kn.load_passages(kn.DATA / "fictional-rl.json")
+    assert len(ev) + len(rl) >= 60 and len(ev) >= 20
+    for p in ev + rl:
+        assert len(p["questions"]) == 5
+        for q in p["questions"]:
+            assert q["answer"] in p["context"] and q["answer"].lower() not in q["question"].lower()
+    assert not {p["title"] for p in ev} & {p["title"] for p in rl}
+    assert not {p["context"] for p in ev} & {p["context"] for p in rl}
+    assert len({p["title"] for p in ev + rl}) == len(ev + rl)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "expected a JSON list"), ("[1]", "needs a title"), ("not json", "not JSON"),
+    ('[{"title": "t", "context": "c", "questions": []}]', "has no questions"),
+    ('[{"title": "t", "context": "c", "questions": [{"question": "q", "answer": ""}]}]', "non-empty answer")])
+def test_bad_data_files_stop_with_the_reason(tmp_path, content, message):
+    f = tmp_path / "bad.json"
+    f.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        kn.load_passages(f, what="eval_data")
+
+
+def test_squad_selection_is_the_seeded_shuffle(tmp_path):
+    raw = {"data": [{"title": f"T{a}", "paragraphs": [
+        {"context": f"c{a}.{p}", "qas": [{"question": "q?", "answers": [{"text": "x"}, {"text": "y"}]}]}
+        for p in range(3)]} for a in range(4)]}
+    f = tmp_path / "squad.json"
+    f.write_text(json.dumps(raw))
+    sel = kn.squad_selection(f, seed=42, start=0, n=5)
+    import random
+    flat = [f"c{a}.{p}" for a in range(4) for p in range(3)]
+    random.seed(42)
+    random.shuffle(flat)
+    assert [p["context"] for p in sel] == flat[:5] and sel[0]["questions"] == [{"question": "q?", "answer": "x"}]
+
+
+@pytest.mark.skipif(not SEAL_REF.exists(), reason="../shared/seal-ref absent")
+def test_the_official_passage_files_load_in_our_format():
+    ev = kn.load_passages(SEAL_REF / "eval_200_passages.json")
+    assert len(ev) == 200 and sum(len(p["questions"]) for p in ev) == 974  # seal-reference 2
+    for name in ("restem_round1_train_50_passages.json", "restem_round2_train_50_passages.json"):
+        assert len(kn.load_passages(SEAL_REF / name)) == 50
+
+
+# -----------------------------------------------------------------------------
+# The domain on a tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    d = tmp_path_factory.mktemp("tiny-kn")
+    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
+               tokenizer_dir=smollm2_dir)
+    ev, rl = kn.load_passages(kn.DATA / "fictional-eval.json", 2), kn.load_passages(kn.DATA / "fictional-rl.json", 2)
+    (d / "ev.json").write_text(json.dumps(ev))
+    (d / "rl.json").write_text(json.dumps(rl))
+    return d
+
+
+def config(tiny, out, **kw):
+    base = dict(model=str(tiny), out=str(out), eval_data=str(tiny / "ev.json"), rl_data=str(tiny / "rl.json"),
+                rounds=1, rl_samples=2, se_max_tokens=12, inner_epochs=1, eval_times=1, answer_tokens=4,
+                sft_epochs=1, sft_batch=2, chat=True, cpt_epochs=1)
+    return kn.KnowledgeConfig(**{**base, **kw})
+
+
+class Counting(kn.Knowledge):
+    calls, crash_at = [], 0
+
+    def evaluate(self, m, adapter, item, text, seed):
+        Counting.calls.append((item, text))
+        if Counting.crash_at and len(Counting.calls) == Counting.crash_at:
+            raise KeyboardInterrupt("injected crash")
+        return super().evaluate(m, adapter, item, text, seed)
+
+
+def test_end_to_end_smoke_and_resume(tiny, tmp_path):
+    Counting.calls.clear()
+    Counting.crash_at = 5
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            seal.run(config(tiny, tmp_path / "a"), Counting)
+    finally:
+        Counting.crash_at = 0
+    assert len((tmp_path / "a" / "evals.jsonl").read_text().splitlines()) == 4
+    Counting.calls.clear()
+    res = seal.run(config(tiny, tmp_path / "a"), Counting)
+    # base 2 + passage 2 + self_edit 2 + rl1 4 + seal 2 = 12 evaluations; 4 were done before the crash
+    assert len(Counting.calls) == 12 - 4 and len(set(map(str, Counting.calls))) == len(Counting.calls)
+    table = {r["row"]: r for r in res["rows"]}
+    assert list(table) == ["base", "passage", "self_edit", "cpt", "seal"]  # no teacher without --teacher
+    assert table["cpt"]["total"] == 2 and {"exact", "f1", "lenient"} <= set(table["base"]["metrics"])
+    recs = [json.loads(x) for x in (tmp_path / "a" / "evals.jsonl").read_text().splitlines()]
+    passage = [r for r in recs if r["phase"] == "passage"]
+    assert all(r["empty"] and r["runs"][0]["sequences"] == 1 for r in passage)  # the passage alone
+    m_step = json.loads((tmp_path / "a" / "policy-round1" / "m_step.json").read_text())
+    assert sorted(m_step["items"]) == ["r000", "r001"]  # best of k: one self-edit per RL passage, whatever its score
+    Counting.calls.clear()
+    straight = seal.run(config(tiny, tmp_path / "b"), Counting)
+    assert straight["rows"] == res["rows"]
+
+
+def test_a_non_finite_loss_scores_zero_and_the_run_goes_on(tiny, tmp_path):
+    res = seal.run(config(tiny, tmp_path, rows="passage", inner_lr=1e30, inner_epochs=3), kn.Knowledge)
+    recs = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(not r["valid"] and "non-finite" in r["reason"] and r["reward"] == 0 for r in recs)
+    assert res["rows"][0]["score"] == 0
+
+
+def test_full_fine_tune_cpt_puts_the_weights_back(tiny):
+    cfg = config(tiny, "unused", cpt_mode="full", cpt_lr=1e-2)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = kn.Knowledge(cfg, learner.tok)
+    before = {k: v.clone() for k, v in learner.m.state_dict().items()}
+    res = learner.evaluate_pooled(dom, dom.eval_items, ["It is old.", ""], seed=0)
+    assert res["weight"] == 2 and res["sequences"] == 3 and res["steps"] > 0
+    assert all(torch.equal(before[k], v) for k, v in learner.m.state_dict().items())
+
+
+def test_forgetting_matrix(tiny, tmp_path):
+    res = kn.forget([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
+                     "--n_forget=2", "--chat=true", "--se_max_tokens=8", "--inner_epochs=1", "--answer_tokens=4",
+                     f"--out={tmp_path}", "--rounds=1"])
+    saved = json.loads((tmp_path / "forgetting.json").read_text())
+    assert len(saved["matrix"]) == 3 and all(len(row) == 2 for row in saved["matrix"])
+    cfg = config(tiny, "unused")
+    learner = seal.Learner(cfg, cfg.model)
+    dom = kn.Knowledge(cfg, learner.tok)
+    assert saved["matrix"][0] == [learner.evaluate(dom, it, None, 0)["reward"] for it in dom.eval_items]
+    assert res["matrix"] == saved["matrix"]
+
+
+def test_settings_are_checked(tiny):
+    m, tok = None, model.load(str(tiny))[1]
+    for bad, msg in (({"prompt": "poem"}, "--prompt='poem'"), ({"grader": "gpt"}, "--grader='gpt'"),
+                     ({"grader": "judge"}, "needs --judge"), ({"n_eval": 3}, "has 2 passages, 3 asked for"),
+                     ({"rl_data": str(tiny / "ev.json")}, "in both eval_data and rl_data")):
+        with pytest.raises(SystemExit, match=bad and msg):
+            kn.Knowledge(config(tiny, "unused", **bad), tok)
