@@ -2,6 +2,7 @@
 # SEAL reference implementation: the one entry script.
 #   bash train.sh arc [run|filter|policy] [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny
 #                                         preset on CPU; the preset applies to every subcommand
+#   bash train.sh knowledge [run|filter|forget] [--key=value ...]   SEAL on knowledge incorporation, likewise
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by the two commands above)
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
@@ -59,6 +60,20 @@ case "$cmd" in
               --max_examples=24 --warmup=2 --sft_lr=1e-3 --oracle=basic+size+chain+repeat:output:3e-3:6)
     fi
     exec "$PY" -m domains.arc "$sub" "${preset[@]}" "$@" ;;
+  knowledge)
+    setup
+    sub=run
+    case "${1:-}" in run|filter|forget|squad) sub=$1; shift ;; esac
+    if has_gpu; then  # the paper's setting (seal-reference.md section 2): Qwen2.5-7B base, bf16, the paper's
+      # inner loop; the fictional passages unless --eval_data/--rl_data point at the SQuAD selections (README)
+      preset=(--model=Qwen/Qwen2.5-7B --out=runs/knowledge-paper)
+    else  # SmolLM2-135M on 2 CPU cores (README: "Knowledge incorporation on a CPU")
+      preset=(--model=smollm2-135m --chat=true --out=runs/knowledge-tiny --n_eval=8 --n_rl=4 --rl_samples=3
+              --se_max_tokens=160 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+              --inner_epochs=30 --inner_batch=16 --eval_times=1 --answer_tokens=24
+              --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_epochs=30 --cpt_batch=16)
+    fi
+    exec "$PY" -m domains.knowledge "$sub" "${preset[@]}" "$@" ;;
   *)
-    sed -n '2,8p' "$0"; exit 2 ;;
+    sed -n '2,9p' "$0"; exit 2 ;;
 esac
