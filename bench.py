@@ -1,13 +1,20 @@
 """
-Inner-loop throughput: our packed LoRA training (lora.train) against transformers + PEFT with a plain loop over
-right-padded batches, which is what the official SEAL run does (reference §1.5). Same weights, same data, same
-batches, same hyperparameters (LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW; clip 1.0; cosine).
+SEAL's hot paths, ours against the usual stack on the same model, weights and data (`bash train.sh bench`):
 
-    python bench.py                                  # random SmolLM2-135M-shaped model, no network needed
-    python bench.py --model=smollm2-135m --examples=16 --out=runs/bench.json
+  sampling    n self-edit samples of one ARC prompt: our generate (one prefill, the cache copied to n rows)
+              against transformers' generate with num_return_sequences (tokens/s)
+  answers     one batch of knowledge questions answered greedily, ours against transformers' generate (tokens/s)
+  inner_loop  our packed LoRA training (lora.train) against transformers + PEFT over right-padded batches, the
+              official recipe (reference 1.5): LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW; clip 1.0; cosine
+  arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
+              per phase (ours only: there is no reference to run)
 
-Throughput counts REAL tokens only (prompt + completion), for both sides. The two loops run interleaved step by
-step, so a busy machine slows both alike. On CUDA both use bf16 base weights with fp32 adapters.
+    python bench.py                                   # the offline SmolLM2-135M, every measurement
+    python bench.py --only=inner_loop --model= --examples=16   # random SmolLM2-shaped weights, one measurement
+
+Throughput counts REAL tokens only. Both sides decode the same number of tokens (no early stop). The two training
+loops run interleaved step by step, so a busy machine slows both alike. On CUDA both use bf16 base weights with
+fp32 adapters. The figures go to --out (runs/bench/bench.json) as one object per measurement with `speedup`.
 """
 import json
 import sys
@@ -18,6 +25,7 @@ import torch
 
 import lora
 import model as model_lib
+from tokenizer import Tokenizer
 
 TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 SMOLLM2_135M = dict(  # the shape of SmolLM2-135M (offline-model.md), random weights
@@ -29,7 +37,11 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # de
 
 @dataclass
 class Bench:
-    model: str = ""              # a folder / hub id / "smollm2-135m"; empty: random SmolLM2-135M-shaped weights
+    model: str = "smollm2-135m"  # a folder / hub id / "smollm2-135m"; empty: random SmolLM2-135M-shaped weights
+    only: str = "sampling,answers,inner_loop,arc_eval"   # which measurements
+    samples: int = 8             # sampling: self-edits of one prompt
+    sample_tokens: int = 128
+    answer_tokens: int = 24      # answers: tokens per answer; the batch is every question of 8 passages
     examples: int = 6            # ARC-like examples; steps = ceil(examples / batch_size)
     prompt_min: int = 100
     prompt_max: int = 900
@@ -45,7 +57,7 @@ class Bench:
     threads: int = 1             # CPU threads for both sides; 0: torch's default. On a shared 2-core machine two
                                  # threads ran ~4x slower than one (OpenMP workers waiting on each other)
     compile: bool = False        # torch.compile our model's hidden() (CUDA; shapes vary, so dynamic=True)
-    out: str = ""                # write the results as JSON here
+    out: str = "runs/bench/bench.json"
 
 
 def parse_args(argv) -> Bench:
@@ -133,15 +145,9 @@ def flops_per_token(m, n_lora):
     return 4 * c.n_layers * per_layer + 6 * n_lora
 
 
-def main(cfg: Bench):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if cfg.threads and device == "cpu":
-        torch.set_num_threads(cfg.threads)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+def inner_loop(cfg: Bench, device, dtype, ours, ref):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, LoRA r{cfg.r} a{cfg.alpha:g} "
-          f"on {','.join(TARGETS)}, bs {cfg.batch_size}")
-    ours, ref = build_models(cfg, device, dtype)
+    print(f"== inner loop: LoRA r{cfg.r} a{cfg.alpha:g} on {','.join(TARGETS)}, bs {cfg.batch_size}", flush=True)
     data = arc_like(cfg, ours.config.vocab_size)
     plan = lora.batches(len(data), cfg.batch_size, 1, cfg.seed)  # lora.train draws the same plan from the seed
     real = sum(len(p) + len(c) for p, c in data)
@@ -179,16 +185,17 @@ def main(cfg: Bench):
     assert res.failed is None and res.tokens == real, (res.failed, res.tokens, real)
 
     n_lora = sum(p.numel() for p in adapter.params())
+    adapter.remove()
+    base.model.unload()  # the reference model without its adapter, for the other measurements
     result = {
-        "device": device if device == "cpu" else torch.cuda.get_device_name(), "threads": torch.get_num_threads(),
-        "model": cfg.model or "random SmolLM2-135M shape", "dtype": str(dtype), "examples": len(data),
+        "examples": len(data),
         "steps": len(plan), "real_tokens": real, "padded_tokens_baseline": theirs["padded"],
         "padding_share_baseline": 1 - real / theirs["padded"],
         "ours_seconds": ours_s, "theirs_seconds": theirs["seconds"],
         "ours_tok_s": real / ours_s, "theirs_tok_s": real / theirs["seconds"],
         "speedup": theirs["seconds"] / ours_s,
         "first_loss_ours": res.losses[0], "first_loss_theirs": theirs["losses"][0],  # B=0: both are the base model
-        "lora_params": n_lora, "config": asdict(cfg)}
+        "lora_params": n_lora}
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -205,12 +212,130 @@ def main(cfg: Bench):
         print(f"{who:24}{result[key + '_seconds']:10.1f}{result[key + '_tok_s']:12.1f}{mfu}")
     print(f"speedup {result['speedup']:.2f}x; first-step loss ours {res.losses[0]:.4f} vs theirs "
           f"{theirs['losses'][0]:.4f}")
+    return result
+
+
+class NoStop:
+    """Our generate with no stop token, so both sides decode exactly the asked number of tokens."""
+    stop_ids = ()
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+
+def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pad_id):
+    """Our generate_ids against transformers' generate on the same prompts (left-padded), n samples each."""
+    import seal
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    kw = dict(do_sample=temperature > 0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              num_return_sequences=n, pad_token_id=pad_id, use_cache=True)
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=1.0, top_k=0)
+    ref.config.use_cache = True
+    times = {}
+    for who in ("ours", "theirs", "ours", "theirs"):  # the first pass of each warms up; the second is timed
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if who == "ours":
+                out = seal.generate_ids(ours, NoStop(pad_id), prompts, new_tokens, temperature, 1.0, n, seed=0)
+                made = sum(map(len, out))
+            else:
+                out = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+                made = (out.shape[1] - width) * out.shape[0]
+        sync()
+        times[who] = (time.perf_counter() - t0, made)
+    (s_ours, t_ours), (s_theirs, t_theirs) = times["ours"], times["theirs"]
+    result = {"prompts": len(prompts), "samples_per_prompt": n, "new_tokens": new_tokens,
+              "prompt_tokens": [len(p) for p in prompts][:8], "ours_seconds": s_ours, "theirs_seconds": s_theirs,
+              "ours_tok_s": t_ours / s_ours, "theirs_tok_s": t_theirs / s_theirs, "speedup": s_theirs / s_ours}
+    print(f"== {name}: {len(prompts)} prompt(s) x {n}, {new_tokens} new tokens each: ours {result['ours_tok_s']:.1f} "
+          f"tok/s, transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x", flush=True)
+    return result
+
+
+def arc_eval(cfg: Bench, device):
+    """One ARC self-edit evaluation with the tiny preset's oracle configuration, seconds per phase."""
+    import seal
+    from domains import arc
+    acfg = arc.ArcConfig(model=cfg.model or model_lib.OFFLINE_DEFAULT, split="tiny", fmt="compact",
+                         max_examples=24, warmup=2, device=device)
+    learner = seal.Learner(acfg, acfg.model)
+    dom = arc.Arc(acfg, learner.tok)
+    edit = arc.SelfEdit.from_spec("basic+size+chain+repeat:output:3e-3:6").to_json()
+    item = dom.eval_items[0]
+    t0 = time.perf_counter()
+    rec = learner.evaluate(dom, item, edit, seed=0)
+    total = time.perf_counter() - t0
+    result = {"task": item, "examples": rec["examples"], "steps": rec["train"]["steps"], "seconds": total,
+              "data_seconds": rec["data_seconds"], "train_seconds": rec["train"]["seconds"],
+              "answer_seconds": rec["eval_seconds"], "train_tok_s": rec["train"]["tok_s"], "reward": rec["reward"]}
+    print(f"== arc_eval: {item}, {rec['examples']} TTT examples, {rec['train']['steps']} steps: {total:.1f}s "
+          f"(data {rec['data_seconds']:.1f}s, training {rec['train']['seconds']:.1f}s, answers "
+          f"{rec['eval_seconds']:.1f}s), reward {rec['reward']:g}", flush=True)
+    return result
+
+
+def main(cfg: Bench):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.threads and device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    only = cfg.only.split(",")
+    unknown = set(only) - {"sampling", "answers", "inner_loop", "arc_eval"}
+    if unknown:
+        raise SystemExit(f"--only: unknown measurement(s) {sorted(unknown)}")
+    print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, model "
+          f"{cfg.model or 'random SmolLM2-135M shape'}", flush=True)
+    result = {"device": device if device == "cpu" else torch.cuda.get_device_name(),
+              "threads": torch.get_num_threads(), "dtype": str(dtype),
+              "model": cfg.model or "random SmolLM2-135M shape", "date": time.strftime("%Y-%m-%d"),
+              "config": asdict(cfg)}
+    if {"sampling", "answers", "inner_loop"} & set(only):
+        ours, ref = build_models(cfg, device, dtype)
+        if "inner_loop" in only:
+            result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
+        tok = Tokenizer.from_dir(model_lib.resolve(cfg.model)) if cfg.model else None
+        pad = ours.config.eos_token_id if getattr(ours.config, "eos_token_id", None) is not None else 0
+        if "sampling" in only:
+            prompt = arc_prompt(tok, ours.config.vocab_size)
+            result["sampling"] = decode_race("sampling", device, ours, ref, [prompt], cfg.samples,
+                                             cfg.sample_tokens, 0.8, pad)
+        if "answers" in only:
+            result["answers"] = decode_race("answers", device, ours, ref, question_prompts(tok, ours.config.vocab_size),
+                                            1, cfg.answer_tokens, 0.0, pad)
+    if "arc_eval" in only:
+        result["arc_eval"] = arc_eval(cfg, device)
     if cfg.out:
         from pathlib import Path
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {cfg.out}")
     return result
+
+
+def arc_prompt(tok, vocab):
+    """The self-edit prompt of an ARC task of the tiny split (random ids of the same length without a tokenizer)."""
+    from domains import arc
+    task = arc.ttt.load_tasks(["66e6c45b"])["66e6c45b"]
+    if tok is None:
+        return torch.randint(3, vocab, (700,), generator=torch.Generator().manual_seed(0)).tolist()
+    return tok.encode(tok.chat(arc.self_edit_prompt(task, "compact", "one of 3e-4, 1e-3, 3e-3")))
+
+
+def question_prompts(tok, vocab):
+    """Every question of the first 8 fictional evaluation passages, in the knowledge domain's answer prompt."""
+    from domains import knowledge as kn
+    passages = kn.load_passages(kn.DATA / "fictional-eval.json", 8)
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(3, vocab, (int(torch.randint(30, 50, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(40)]
+    return [tok.encode(tok.chat([{"role": "user", "content": kn.question_prompt(p, q)[0]}]))
+            for p in passages for q in p["questions"]]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ and the results table. A domain (domains/arc.py, domains/knowledge.py) subclasse
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
 """
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import lora
 import model as model_lib
@@ -218,8 +220,11 @@ def parse_overrides(cfg, argv):
 
 
 def device_and_dtype(cfg):
-    """The one place the device and dtype are chosen: bf16 weights on a GPU, fp32 on a CPU."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    """The one place the device and dtype are chosen: bf16 weights on a GPU (this process's GPU under torchrun),
+    fp32 on a CPU."""
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
               "bf16": torch.bfloat16}
     if cfg.dtype not in dtypes:
@@ -304,10 +309,38 @@ def best_per_item(records):
 
 
 # -----------------------------------------------------------------------------
+# Processes. Self-edit evaluations are independent, so torchrun can shard them: job j of a phase goes to rank
+# j % world. Rank 0 samples, runs the M-step and writes the table; the others wait at a barrier and read what it
+# wrote. Without torchrun's RANK / WORLD_SIZE this is rank 0 of 1 and there is no process group.
+
+
+class Ranks:
+    def __init__(self):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not dist.is_initialized():
+            gpu = torch.cuda.is_available()
+            if gpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            else:  # the processes of one machine split its cores: N processes are never slower than one
+                torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+            # a phase can run for hours between barriers; a dead rank is torchrun's to report (it stops the rest)
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(days=1))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+# -----------------------------------------------------------------------------
 # The run folder: everything needed to resume after kill -9 and to read or plot the results.
 #   config.json          settings that change results (a resume under other values is refused)
 #   samples-<phase>.json sampled self-edits of a phase, written once, atomically, before any is evaluated
-#   evals.jsonl          one line per finished (phase, item, k) evaluation, appended and fsynced
+#   evals.jsonl          one line per finished (phase, item, k) evaluation, appended and fsynced (rank r > 0 of
+#                        torchrun writes evals-<r>.jsonl; all are read, so a resume works under any world size)
 #   policy-round<r>/     the policy after ReST-EM round r (hub-style folder, loadable by transformers)
 #   results.json         the table: reward per row, beside the paper's numbers
 
@@ -319,31 +352,43 @@ def write_atomic(path: Path, text: str):
 
 
 class RunFolder:
-    def __init__(self, cfg: RunConfig, items: dict | None = None):
+    def __init__(self, cfg: RunConfig, items: dict | None = None, ranks: Ranks | None = None):
         """items: the run's item ids by role. They join the fingerprint: a data file can change under its name."""
+        self.ranks = ranks or Ranks()
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_file = self.dir / "config.json"
         fingerprint = {**cfg.fingerprint, **({"items": items} if items else {})}
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            diff = {k: (old.get(k), fingerprint.get(k)) for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)}
+            diff = {k: (old.get(k), fingerprint.get(k)) for k in sorted(set(old) | set(fingerprint))
+                    if old.get(k) != fingerprint.get(k)}
             if diff:
                 shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
                 raise SystemExit(f"{self.dir} holds a run with other settings or from an older version ({shown[:600]})"
                                  f"; use another --out")
         else:
             write_atomic(cfg_file, json.dumps(fingerprint, indent=2))
-        self.evals_file = self.dir / "evals.jsonl"
+        r = self.ranks.rank
+        self.evals_file = self.dir / ("evals.jsonl" if r == 0 else f"evals-{r}.jsonl")
         self.done = {}
-        if self.evals_file.exists():
-            for line in self.evals_file.read_text().splitlines():
+        own = self.reload()
+        if self.evals_file.exists():  # drop a line cut short by a kill (it is evaluated again)
+            write_atomic(self.evals_file, "".join(json.dumps(rec) + "\n" for rec in own))
+
+    def reload(self):
+        """Read every rank's records (after a barrier: what all ranks finished). Returns this rank's own."""
+        own = []
+        for f in sorted(self.dir.glob("evals*.jsonl")):
+            for line in f.read_text().splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: drop it, it is evaluated again
+                except json.JSONDecodeError:  # a line cut short by a kill: dropped, evaluated again
                     continue
                 self.done[(rec["phase"], rec["item"], rec["k"])] = rec
-            write_atomic(self.evals_file, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+                if f == self.evals_file:
+                    own.append(rec)
+        return own
 
     def log(self, rec: dict):
         with open(self.evals_file, "a") as f:
@@ -353,13 +398,12 @@ class RunFolder:
         self.done[(rec["phase"], rec["item"], rec["k"])] = rec
 
     def samples(self, phase, make):
-        """The sampled self-edits of a phase: made once, then read back on every resume."""
+        """The sampled self-edits of a phase: made once (by rank 0), then read back, also on every resume."""
         path = self.dir / f"samples-{phase}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        s = make()
-        write_atomic(path, json.dumps(s))
-        return s
+        if self.ranks.main and not path.exists():
+            write_atomic(path, json.dumps(make()))
+        self.ranks.barrier()  # every rank calls this for every phase, so the barriers always pair up
+        return json.loads(path.read_text())
 
 
 def stable_seed(*parts) -> int:
@@ -459,10 +503,13 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase):
 
 
 def evaluate_phase(run, learner, domain, phase, jobs, cfg):
-    """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder."""
-    todo = [j for j in jobs if (phase, j["item"], j["k"]) not in run.done]
+    """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder; under torchrun
+    this rank takes every world-th job (fixed by position, so it does not depend on what is done)."""
+    ranks = run.ranks
+    todo = [j for j in jobs[ranks.rank::ranks.world] if (phase, j["item"], j["k"]) not in run.done]
+    tag = f"[{phase}]" if ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
     if todo:
-        print(f"[{phase}] {len(jobs) - len(todo)}/{len(jobs)} already done; evaluating {len(todo)}", flush=True)
+        print(f"{tag} {len(jobs) - len(todo)}/{len(jobs)} already done; evaluating {len(todo)}", flush=True)
     t0 = time.time()
     for i, j in enumerate(todo):
         t1 = time.time()
@@ -474,8 +521,11 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg):
         run.log(rec)
         eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
         why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
-        print(f"[{phase}] {i + 1}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
+        print(f"{tag} {i + 1}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
               f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}", flush=True)
+    if ranks.world > 1:
+        ranks.barrier()
+        run.reload()
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
@@ -495,15 +545,16 @@ def run(cfg: RunConfig, domain_cls):
     """The whole experiment for one domain: every requested row, the ReST-EM rounds, the table. Rows that use
     the base model come first; the rounds change the weights, then the RL row is evaluated."""
     torch.manual_seed(cfg.seed)
+    ranks = Ranks()
     learner = Learner(cfg, cfg.model)
     domain = domain_cls(cfg, learner.tok)
     rows = pick_rows(domain, cfg.rows, cfg)
     if any(r.edit == TEACHER for r in rows) and not cfg.teacher:
         raise SystemExit("the teacher row needs --teacher=MODEL (or leave it out of --rows)")
-    run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items})
+    run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items}, ranks=ranks)
     print(f"run folder {run_dir.dir}; model {cfg.model} on {learner.device} ({learner.dtype}); "
-          f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items",
-          flush=True)
+          f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items"
+          + (f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""), flush=True)
     phases = {}  # row key -> evaluation records
 
     def sampled(phase, items, n, m=None, tok=None):
@@ -511,8 +562,9 @@ def run(cfg: RunConfig, domain_cls):
         jobs = run_dir.samples(phase, lambda: sample_self_edits(m, tok, domain, items, n, cfg, phase))
         recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)
         valid = sum(r.get("valid", True) for r in recs)
-        print(f"[{phase}] valid self-edits {valid}/{len(recs)}, mean reward "
-              f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
+        if ranks.main:
+            print(f"[{phase}] valid self-edits {valid}/{len(recs)}, mean reward "
+                  f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
         return recs
 
     last_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
@@ -524,10 +576,10 @@ def run(cfg: RunConfig, domain_cls):
         elif row.edit == BASE:
             phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
         elif row.edit == TEACHER:
-            if not run_dir.dir.joinpath(f"samples-{row.key}.json").exists():
+            if ranks.main and not run_dir.dir.joinpath(f"samples-{row.key}.json").exists():
                 t_m, t_tok = model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
             else:
-                t_m = t_tok = None  # sampled before a resume: the teacher need not be loaded again
+                t_m = t_tok = None  # sampled already (or by rank 0): the teacher need not be loaded
             phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples, t_m, t_tok)
             del t_m
         elif row.edit == POOLED:
@@ -535,10 +587,12 @@ def run(cfg: RunConfig, domain_cls):
             if src is None:
                 raise SystemExit(f"the {row.key} row pools the base-policy row's self-edits: ask for that row too")
             texts = [r["text"] for r in phases[src] if r["k"] == 0]
-            if (row.key, "all", 0) not in run_dir.done:
+            if ranks.main and (row.key, "all", 0) not in run_dir.done:  # one job: rank 0's
                 t0 = time.time()
                 res = learner.evaluate_pooled(domain, domain.eval_items, texts, stable_seed(cfg.seed, row.key))
                 run_dir.log({"phase": row.key, "item": "all", "k": 0, **res, "seconds": round(time.time() - t0, 2)})
+            ranks.barrier()
+            run_dir.reload()
             phases[row.key] = [run_dir.done[(row.key, "all", 0)]]
         elif row.edit == RL:
             for r in range(rounds_done + 1, last_round(row) + 1):
@@ -562,14 +616,18 @@ def rest_em_round(run_dir, learner, domain, cfg, r):
                                                                  cfg.rl_samples, cfg, f"rl{r}"))
     recs = evaluate_phase(run_dir, learner, domain, f"rl{r}", jobs, cfg)
     kept = domain.select(recs)
-    print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
-    policy_dir.mkdir(exist_ok=True)
-    if kept:
-        res = learner.m_step(kept, f"rl{r}", save_to=policy_dir)
-        write_atomic(policy_dir / "m_step.json", json.dumps(
-            {"examples": len(kept), "items": [k["item"] for k in kept], "steps": res.steps, "losses": res.losses,
-             "seconds": res.seconds}))
-    (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
+    if run_dir.ranks.main:  # the M-step runs on rank 0; the others load the policy it saved
+        print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
+        policy_dir.mkdir(exist_ok=True)
+        if kept:
+            res = learner.m_step(kept, f"rl{r}", save_to=policy_dir)
+            write_atomic(policy_dir / "m_step.json", json.dumps(
+                {"examples": len(kept), "items": [k["item"] for k in kept], "steps": res.steps, "losses": res.losses,
+                 "seconds": res.seconds}))
+        (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
+    run_dir.ranks.barrier()
+    if not run_dir.ranks.main and kept:
+        learner.load(str(policy_dir))
 
 
 def round_summaries(run_dir, domain, rounds):
@@ -599,6 +657,8 @@ def report(run_dir, cfg, domain, rows, phases):
     rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.edit == RL for r in rows) else []
     result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
               "config": cfg.fingerprint, "rows": table, "rounds": rounds}
+    if not run_dir.ranks.main:
+        return result
     write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
     print(f"\n{'method':<40}{'ours':>18}{'paper':>10}")
     for r in table:

@@ -3,6 +3,8 @@
 #   bash train.sh arc [run|filter|policy] [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny
 #                                         preset on CPU; the preset applies to every subcommand
 #   bash train.sh knowledge [run|filter|forget] [--key=value ...]   SEAL on knowledge incorporation, likewise
+#   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
+#   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (bench.py)
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by the two commands above)
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
@@ -39,6 +41,15 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+launch() {  # launch MODULE ARGS...: one process, or N processes through torchrun when --nproc=N is given
+  local nproc=1 args=()
+  for a in "$@"; do case "$a" in --nproc=*) nproc=${a#--nproc=} ;; *) args+=("$a") ;; esac; done
+  if [ "$nproc" -gt 1 ]; then
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m "${args[@]}"
+  fi
+  exec "$PY" -m "${args[@]}"
+}
+
 has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
 
 cmd=${1:-}
@@ -59,7 +70,10 @@ case "$cmd" in
               --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=4 --eval_samples=1
               --max_examples=24 --warmup=2 --sft_lr=1e-3 --oracle=basic+size+chain+repeat:output:3e-3:6)
     fi
-    exec "$PY" -m domains.arc "$sub" "${preset[@]}" "$@" ;;
+    launch domains.arc "$sub" "${preset[@]}" "$@" ;;
+  bench)  # SEAL's hot paths against transformers (+ PEFT): sampling, answers, the inner loop, one ARC evaluation
+    setup
+    exec "$PY" bench.py "$@" ;;
   knowledge)
     setup
     sub=run
@@ -73,7 +87,7 @@ case "$cmd" in
               --inner_epochs=30 --inner_batch=16 --eval_times=1 --answer_tokens=24
               --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_epochs=30 --cpt_batch=16)
     fi
-    exec "$PY" -m domains.knowledge "$sub" "${preset[@]}" "$@" ;;
+    launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,11p' "$0"; exit 2 ;;
 esac

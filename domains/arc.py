@@ -343,9 +343,10 @@ class Arc(seal.Domain):
             if edit is None:  # an unusable self-edit earns 0, as in the official run (there: epochs=0)
                 return {**out, "valid": False, "reason": reason}
             out["edit"] = edit.to_dict()
+            t0 = time.time()
             copies = ttt.ttt_tasks(task, edit.aug, seed=seed, max_examples=cfg.max_examples)
             examples, dropped = ttt.ttt_examples(copies, cfg.fmt, self.tok, cfg.max_len)
-            out["examples"] = len(examples)
+            out["examples"], out["data_seconds"] = len(examples), round(time.time() - t0, 3)
             if ttt.over_step_cap(len(examples), edit.epochs, cfg.batch_size, cfg.max_steps):
                 return {**out, "valid": False, "reason": f"over the step cap ({edit.epochs} epochs x "
                                                            f"{len(examples)} examples > {cfg.max_steps} steps)"}

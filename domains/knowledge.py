@@ -261,8 +261,10 @@ class Knowledge(seal.Domain):
         if overlap:
             raise SystemExit(f"{len(overlap)} passage(s) are in both eval_data and rl_data: RL must not see them")
         self.answer_prefix = SELF_QA_START if cfg.prompt == "self-qa" else ""
-        self.select = seal.best_per_item  # the official top-1 of k per passage
         self.judge = Judge(cfg.judge, *seal.device_and_dtype(cfg)) if cfg.judge else None
+
+    def select(self, records):
+        return seal.best_per_item(records)  # the official top-1 of k per passage, by mean accuracy
 
     def rl_items_for_round(self, r):
         n = self.n_rl

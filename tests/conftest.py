@@ -41,3 +41,13 @@ def smollm2_dir():
     """The real offline model, converted once per machine into the cache folder."""
     import convert_gguf as gguf
     return gguf.ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random Llama with the real SmolLM2 tokenizer (so chat formatting and parsing are real), saved as a
+    hub-style folder: what the loop and the domains run on in the tests."""
+    d = tmp_path_factory.mktemp("tiny-chat")
+    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
+               tokenizer_dir=smollm2_dir)
+    return d

@@ -10,19 +10,14 @@ import lora
 import model
 import seal
 from domains import arc as arc_domain
-from conftest import LLAMA, random_model
 
 SPLIT = {"rl": ["6150a2bd"], "eval": ["5582e5ca"]}
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer random Llama with the real SmolLM2 tokenizer (so chat formatting and parsing are real)."""
-    d = tmp_path_factory.mktemp("tiny")
-    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
-               tokenizer_dir=smollm2_dir)
-    (d / "split.json").write_text(json.dumps(SPLIT))
-    return d
+def tiny_dir(tiny_chat_dir):
+    (tiny_chat_dir / "split.json").write_text(json.dumps(SPLIT))
+    return tiny_chat_dir
 
 
 def config(tiny_dir, out, **kw):

@@ -8,7 +8,7 @@ import torch
 
 import model
 import seal
-from conftest import LLAMA, ROOT, random_model
+from conftest import ROOT
 from domains import knowledge as kn
 
 SEAL_REF = ROOT.parent / "shared" / "seal-ref" / "knowledge"
@@ -124,14 +124,11 @@ def test_the_official_passage_files_load_in_our_format():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    d = tmp_path_factory.mktemp("tiny-kn")
-    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
-               tokenizer_dir=smollm2_dir)
+def tiny(tiny_chat_dir):
     ev, rl = kn.load_passages(kn.DATA / "fictional-eval.json", 2), kn.load_passages(kn.DATA / "fictional-rl.json", 2)
-    (d / "ev.json").write_text(json.dumps(ev))
-    (d / "rl.json").write_text(json.dumps(rl))
-    return d
+    (tiny_chat_dir / "ev.json").write_text(json.dumps(ev))
+    (tiny_chat_dir / "rl.json").write_text(json.dumps(rl))
+    return tiny_chat_dir
 
 
 def config(tiny, out, **kw):

@@ -9,16 +9,11 @@ import torch
 import lora
 import model
 import seal
-from conftest import LLAMA, random_model
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer random Llama with the real SmolLM2 tokenizer."""
-    d = tmp_path_factory.mktemp("tiny")
-    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
-               tokenizer_dir=smollm2_dir)
-    return d
+def tiny_dir(tiny_chat_dir):
+    return tiny_chat_dir
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""SEAL across processes: torchrun with gloo on the CPU gives the same records and table as one process, and a run
+whose rank is killed stops, then resumes without repeating a finished evaluation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from domains import knowledge as kn
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in one process and in two
+
+
+@pytest.fixture(scope="module")
+def args(tiny_chat_dir):
+    ev, rl = kn.load_passages(kn.DATA / "fictional-eval.json", 3), kn.load_passages(kn.DATA / "fictional-rl.json", 2)
+    (tiny_chat_dir / "dist-ev.json").write_text(json.dumps(ev))
+    (tiny_chat_dir / "dist-rl.json").write_text(json.dumps(rl))
+    return ["run", f"--model={tiny_chat_dir}", f"--eval_data={tiny_chat_dir / 'dist-ev.json'}",
+            f"--rl_data={tiny_chat_dir / 'dist-rl.json'}", "--rounds=1", "--rl_samples=2", "--se_max_tokens=12",
+            "--inner_epochs=1", "--eval_times=1", "--answer_tokens=4", "--sft_epochs=1", "--chat=true",
+            "--cpt_epochs=1", "--sft_batch=2"]
+
+
+def command(args, out, nproc):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return (launcher if nproc > 1 else [sys.executable]) + ["-m", "domains.knowledge", *args, f"--out={out}"]
+
+
+def records(out):
+    """Every evaluation line of every rank's file, as {(phase, item, k): record without timings}."""
+    lines = [json.loads(x) for f in sorted(Path(out).glob("evals*.jsonl")) for x in f.read_text().splitlines()]
+    drop = ("seconds", "train_seconds", "runs")
+    recs = {(r["phase"], r["item"], r["k"]): {k: v for k, v in r.items() if k not in drop} for r in lines}
+    assert len(recs) == len(lines)  # no evaluation was written twice
+    return recs
+
+
+def table(out):
+    return [{k: r[k] for k in ("row", "score", "total", "metrics")}
+            for r in json.loads((Path(out) / "results.json").read_text())["rows"]]
+
+
+@pytest.fixture(scope="module")
+def single(args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    subprocess.run(command(args, out, 1), cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return out
+
+
+def test_two_gloo_processes_equal_one(args, single, tmp_path):
+    res = subprocess.run(command(args, tmp_path, 2), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "evals-1.jsonl").exists()  # rank 1 did its share
+    assert records(tmp_path) == records(single)
+    assert table(tmp_path) == table(single)
+
+
+def children(pid):
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds rank 1 through /proc (Linux)")
+def test_a_killed_rank_stops_the_run_and_the_same_command_resumes(args, single, tmp_path):
+    proc = subprocess.Popen(command(args, tmp_path, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((tmp_path / "evals-1.jsonl").exists() and (tmp_path / "evals-1.jsonl").read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, "rank 1 never finished an evaluation"
+        time.sleep(0.05)
+    rank1 = [p for p in children(proc.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Signal 9" in err  # torchrun stops the other rank and says which died
+    assert not (tmp_path / "results.json").exists()
+    done = records(tmp_path)
+    res = subprocess.run(command(args, tmp_path, 2), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already done" in res.stdout and all(k in records(tmp_path) for k in done)
+    assert records(tmp_path) == records(single) and table(tmp_path) == table(single)
