@@ -47,11 +47,22 @@ def sample_next(logits, temperature, top_p, gen):
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def stop_after_ids(tok, stop, vocab_size) -> list:
+    """Token ids whose text contains one of the stop strings: decoding stops after them (they stay in the ids;
+    `generate` cuts the text). Found once per tokenizer and stop set. A stop string split over two tokens is not
+    caught here (the row runs on), but `generate` still cuts the text at it, so the text is the same."""
+    found = tok.__dict__.setdefault("_stop_after_ids", {})
+    if tuple(stop) not in found:
+        found[tuple(stop)] = [i for i in range(vocab_size) if any(s in tok.decode([i]) for s in stop)]
+    return found[tuple(stop)]
+
+
 @torch.no_grad()
 def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0):
     """prompts: token-id lists. Returns len(prompts) * n completions (token-id lists, samples of a prompt
-    adjacent). A completion ends before its stop token; a stop string ends it too but stays in the ids (the
-    string can end mid-token; `generate` cuts the text)."""
+    adjacent). A completion ends before its stop token, or after a token that contains a stop string.
+    The tokens stay on the device until the end: on a GPU the host looks at them once every 16 steps (to end
+    early when every row is done), not once per token."""
     dev = m.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -70,23 +81,24 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
         cache, logits, pos = cache.repeat(n), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
     next_pos = pos[:, -1:] + 1
     gen = torch.Generator(device=dev).manual_seed(seed)
-    stop_ids = set(tok.stop_ids)
-    out = [[] for _ in range(B * n)]
-    done = [False] * (B * n)
-    for _ in range(max_new_tokens):
+    stop_now = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
+    stop_after = torch.tensor(stop_after_ids(tok, stop, logits.shape[-1]) if stop else [], dtype=torch.long,
+                              device=dev)
+    out = torch.full((B * n, max_new_tokens), -1, dtype=torch.long, device=dev)  # -1: no token
+    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+    check = 1 if dev.type == "cpu" else 16  # a host sync costs nothing on a CPU
+    steps = 0
+    for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gen)
-        for i, t in enumerate(nxt.tolist()):  # one device sync per step, not one per row
-            if done[i]:
-                continue
-            done[i] = t in stop_ids
-            if not done[i]:
-                out[i].append(t)
-                done[i] = bool(stop) and any(s in tok.decode(out[i][-8:]) for s in stop)
-        if all(done):
+        ends = torch.isin(nxt, stop_now)
+        out[:, t] = torch.where(done | ends, -1, nxt)
+        done |= ends | torch.isin(nxt, stop_after)
+        steps = t + 1
+        if steps % check == 0 and bool(done.all()):
             break
         logits = m.lm_head(m.hidden(nxt[:, None], input_pos=next_pos, cache=cache)[:, -1]).float()
         next_pos = next_pos + 1
-    return out
+    return [[t for t in row if t >= 0] for row in out[:, :steps].tolist()]  # the one transfer to the host
 
 
 @torch.no_grad()

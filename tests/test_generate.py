@@ -71,6 +71,10 @@ def test_stop_strings_cut_the_text(m):
     stop = full[2]
     cut = seal.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(stop,))[0]
     assert cut == full[:full.index(stop)]
+    ids = seal.generate_ids(m, tok, [tok.encode("FRDA")], max_new_tokens=12, stop=(stop,))[0]
+    assert tok.decode(ids) == full[:full.index(stop) + 1]  # decoding stopped right after the stop token
+    two = full[2:4]  # a stop string over two tokens: decoding runs on, the text is still cut at it
+    assert seal.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(two,))[0] == full[:full.index(two)]
 
 
 def test_real_model_greedy_matches_transformers(smollm2_dir):
