@@ -225,7 +225,7 @@ class NoStop:
 
 def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pad_id):
     """Our generate_ids against transformers' generate on the same prompts (left-padded), n samples each."""
-    import seal
+    import sampling
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -241,7 +241,7 @@ def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pa
         t0 = time.perf_counter()
         with torch.no_grad():
             if who == "ours":
-                out = seal.generate_ids(ours, NoStop(pad_id), prompts, new_tokens, temperature, 1.0, n, seed=0)
+                out = sampling.generate_ids(ours, NoStop(pad_id), prompts, new_tokens, temperature, 1.0, n, seed=0)
                 made = sum(map(len, out))
             else:
                 out = ref.generate(input_ids=ids, attention_mask=mask, **kw)

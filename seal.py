@@ -7,18 +7,18 @@ outer loop is ReST-EM (paper section 3.1): sample self-edits, keep the rewarded 
 model on them (M-step, supervised, loss on the self-edit tokens), repeat. It is on-policy filtered behaviour
 cloning; there is no value function, no baseline subtraction and no policy gradient.
 
-This file holds what every domain shares and names none: batched sampling, the settings, the domain contract
+This file holds what every domain shares and names none: the settings, the domain contract
 (Domain, Row), the model's one owner (Learner), the ReST-EM loop with its run folder (resumable after kill -9)
-and the results table. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
+and the results table. Sampling lives in sampling.py. A domain (domains/arc.py, domains/knowledge.py)
+subclasses Domain and calls run().
 
-    python seal.py generate --prompt="The capital of France is"   # first thing to try
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
+    python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
 """
 import dataclasses
 import datetime
 import json
 import os
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,142 +29,7 @@ import torch.distributed as dist
 
 import lora
 import model as model_lib
-
-# -----------------------------------------------------------------------------
-# Generation: left-padded batches, one prefill shared by n samples, a preallocated KV cache
-
-
-def sample_next(logits, temperature, top_p, gen):
-    """logits (B, V) fp32 -> (B,) token ids. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
-def stop_after_ids(tok, stop, vocab_size) -> list:
-    """Token ids whose text contains one of the stop strings: decoding stops after them (they stay in the ids;
-    `generate` cuts the text). Found once per tokenizer and stop set. A stop string split over two tokens is not
-    caught here (the row runs on), but `generate` still cuts the text at it, so the text is the same."""
-    found = tok.__dict__.setdefault("_stop_after_ids", {})
-    if tuple(stop) not in found:
-        found[tuple(stop)] = [i for i in range(vocab_size) if any(s in tok.decode([i]) for s in stop)]
-    return found[tuple(stop)]
-
-
-@torch.no_grad()
-def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0):
-    """prompts: token-id lists. Returns len(prompts) * n completions (token-id lists, samples of a prompt
-    adjacent). A completion ends before its stop token, or after a token that contains a stop string.
-    The tokens stay on the device until the end: on a GPU the host looks at them once every 16 steps (to end
-    early when every row is done), not once per token."""
-    dev = m.lm_head.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("empty prompt: give at least one token (e.g. BOS)")
-    x = torch.full((B, L), tok.pad_id, dtype=torch.long)
-    valid = torch.zeros(B, L, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits at column L-1
-        x[i, L - len(p):] = torch.tensor(p)
-        valid[i, L - len(p):] = True
-    x, valid = x.to(dev), valid.to(dev)
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    cache = m.new_cache(B, L + max_new_tokens)
-    h = m.hidden(x, input_pos=pos, cache=cache, valid=valid)[:, -1]
-    logits = m.lm_head(h).float()
-    if n > 1:  # prefill once, then copy the cache into n rows per prompt
-        cache, logits, pos = cache.repeat(n), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
-    next_pos = pos[:, -1:] + 1
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    stop_now = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
-    stop_after = torch.tensor(stop_after_ids(tok, stop, logits.shape[-1]) if stop else [], dtype=torch.long,
-                              device=dev)
-    out = torch.full((B * n, max_new_tokens), -1, dtype=torch.long, device=dev)  # -1: no token
-    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
-    check = 1 if dev.type == "cpu" else 16  # a host sync costs nothing on a CPU
-    steps = 0
-    for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)
-        ends = torch.isin(nxt, stop_now)
-        out[:, t] = torch.where(done | ends, -1, nxt)
-        done |= ends | torch.isin(nxt, stop_after)
-        steps = t + 1
-        if steps % check == 0 and bool(done.all()):
-            break
-        logits = m.lm_head(m.hidden(nxt[:, None], input_pos=next_pos, cache=cache)[:, -1]).float()
-        next_pos = next_pos + 1
-    return [[t for t in row if t >= 0] for row in out[:, :steps].tolist()]  # the one transfer to the host
-
-
-@torch.no_grad()
-def sample_template(m, tok, prompt, template, n=1, temperature=1.0, seed=0, trace=None):
-    """Fill-in sampling for structured answers a small model cannot write freely. template: a list of
-    (fixed_text, options): the fixed text is forced, then one option is sampled from the model's own
-    probability of each option's tokens, renormalised over the options (at `temperature`; 0 takes the most
-    likely). The policy is still the model's, restricted to valid answers, so ReST-EM can sharpen it.
-    Returns n token-id lists (the answer after the prompt). trace: a list that receives, per sample and
-    field, the options' log-probabilities before renormalising (to inspect the policy)."""
-    dev = m.lm_head.weight.device
-    enc = lambda s: tok.encode(s) if s else []
-    room = len(prompt) + sum(len(enc(f)) + max((len(enc(o)) for o in opts or [""]), default=0)
-                             for f, opts in template) + 1
-    cache = m.new_cache(1, room)
-    h = m.hidden(torch.tensor([prompt], device=dev), cache=cache)[:, -1]
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    outs = []
-    for _ in range(n):
-        c, last, ids = cache.repeat(1), h, []
-        for fixed, options in template:
-            f_ids = enc(fixed)
-            if f_ids:
-                last = m.hidden(torch.tensor([f_ids], device=dev), cache=c)[:, -1]
-                ids += f_ids
-            if not options:
-                continue
-            o_ids = [enc(o) for o in options]
-            L = max(map(len, o_ids))
-            rows = torch.tensor([o + [tok.pad_id] * (L - len(o)) for o in o_ids], device=dev)
-            first = torch.log_softmax(m.lm_head(last).float(), -1)[0]  # the option's first token
-            logp = first[rows[:, 0]]
-            if L > 1:  # the rest of each option, all options side by side in one batch
-                rest = torch.log_softmax(m(rows[:, :-1], cache=c.repeat(len(options))), -1)
-                tok_lp = rest.gather(-1, rows[:, 1:, None])[..., 0]
-                mask = torch.tensor([[t < len(o) for t in range(1, L)] for o in o_ids], device=dev)
-                logp = logp + (tok_lp * mask).sum(-1)
-            if trace is not None:
-                trace.append(logp.tolist())
-            if temperature <= 0:
-                j = int(logp.argmax())
-            else:
-                j = int(torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=gen))
-            last = m.hidden(torch.tensor([o_ids[j]], device=dev), cache=c)[:, -1]
-            ids += o_ids[j]
-        outs.append(ids)
-    return outs
-
-
-def cut_at_stop(text, stop):
-    for s in stop:
-        if s in text:
-            text = text[:text.index(s)]
-    return text
-
-
-def generate(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0,
-             batch_size=64):
-    """Text in, text out. prompts: strings (encoded as they are, no BOS added) or token-id lists."""
-    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    texts = []
-    for i in range(0, len(ids), batch_size):
-        outs = generate_ids(m, tok, ids[i:i + batch_size], max_new_tokens, temperature, top_p, n, stop, seed + i)
-        texts += [cut_at_stop(tok.decode(o), stop) for o in outs]
-    return texts
-
+from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
 # Settings: dataclass defaults (a domain's subclass holds its paper values), --key=value overrides. Presets
@@ -690,37 +555,3 @@ def report(run_dir, cfg, domain, rows, phases):
               f"reward sum {r['rewarded']:.3g}; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
-
-
-# -----------------------------------------------------------------------------
-# CLI: `python seal.py generate`, the first thing to try. Experiments start from their domain:
-# `python -m domains.arc run ...` (what `bash train.sh arc` calls).
-
-
-@dataclass
-class GenerateConfig:
-    model: str = model_lib.OFFLINE_DEFAULT
-    prompt: str = "The capital of France is"
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    chat: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-
-
-def cli_generate(argv):
-    opts = parse_overrides(GenerateConfig(), argv)
-    device, dtype = device_and_dtype(opts)
-    m, tok = model_lib.load(opts.model, device=device, dtype=dtype)
-    prompt = tok.chat([{"role": "user", "content": opts.prompt}]) if opts.chat else opts.prompt
-    t0 = time.time()
-    ids = generate_ids(m, tok, [tok.encode(prompt)], opts.max_new_tokens, opts.temperature)[0]
-    dt = time.time() - t0
-    print(opts.prompt + tok.decode(ids))
-    print(f"--- {len(ids)} tokens in {dt:.2f}s ({len(ids) / dt:.1f} tok/s, prefill included)", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "generate":
-        raise SystemExit(__doc__)
-    cli_generate(sys.argv[2:])

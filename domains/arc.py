@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import lora
+import sampling
 import seal
 from domains import arc_ttt as ttt
 
@@ -93,7 +94,7 @@ SKELETON_PREFIX = _walk(_HOLES.get)[0][0][0]  # what the answer starts with in "
 
 
 def template(lr_options, epoch_options) -> list:
-    """The schema with holes, for seal.sample_template. SmolLM2-135M wrote 0 valid self-edits of 8 freely, even
+    """The schema with holes, for sampling.sample_template. SmolLM2-135M wrote 0 valid self-edits of 8 freely, even
     with the skeleton's first key given (it invents keys, writes 0.1 for booleans): a self-edit that never parses
     earns no reward and ReST-EM has nothing to learn from. Forcing the keys keeps the choices with the model."""
     options = {"bool": ["true", "false"], "strategy": [f'"{s}"' for s in STRATEGIES],
@@ -378,7 +379,7 @@ class Arc(seal.Domain):
         grids = [g for pair in task.train for g in pair] + [task.test[test_idx][0]]
         budget = int(1.5 * max(len(tok.encode(ttt.answer_text(g, cfg.fmt))) for g in grids)) + 8
         fits = [i for i, p in enumerate(prompts) if len(p) + budget <= cfg.max_len]
-        texts = seal.generate(m, tok, [prompts[i] for i in fits], max_new_tokens=budget, stop=(ttt.FOOTER,),
+        texts = sampling.generate(m, tok, [prompts[i] for i in fits], max_new_tokens=budget, stop=(ttt.FOOTER,),
                               batch_size=cfg.eval_batch) if fits else []
         outputs = []
         for i, t in zip(fits, texts):
@@ -464,7 +465,7 @@ def print_policy(argv):
     print(f"{cfg.model}: option probabilities at temperature {cfg.se_temperature:g}", flush=True)
     for item in dom.rl_items + dom.eval_items:
         trace = []
-        seal.sample_template(learner.policy(), learner.tok, dom.prompt_ids(item, learner.tok), dom.template, n=1,
+        sampling.sample_template(learner.policy(), learner.tok, dom.prompt_ids(item, learner.tok), dom.template, n=1,
                              temperature=0, trace=trace)
         probs = [torch.softmax(torch.tensor(lp) / cfg.se_temperature, -1).tolist() for lp in trace]
         print(item, "; ".join(f"{name} " + " ".join(f"{o}={p:.2f}" for o, p in zip(options, ps))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import lora
+import sampling
 import seal
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "knowledge"
@@ -224,7 +225,7 @@ class Judge:
             msg = (f"Question: {q}\nReference answer: {g}\nStudent answer: {p}\nDoes the student answer convey the "
                    f"reference answer without contradicting it? Reply yes or no.")
             prompts.append(self.tok.chat([{"role": "user", "content": msg}]))
-        replies = seal.generate(self.m, self.tok, prompts, max_new_tokens=4)
+        replies = sampling.generate(self.m, self.tok, prompts, max_new_tokens=4)
         return [float(bool(p.strip()) and judge_says_yes(r)) for p, r in zip(preds, replies)]
 
 
@@ -290,7 +291,7 @@ class Knowledge(seal.Domain):
             for q in p["questions"]:
                 prompts.append(self.tok.encode(self._text(self.tok, *question_prompt(p, q))))
                 where.append((p, q))
-        texts = seal.generate(m, self.tok, prompts, max_new_tokens=self.cfg.answer_tokens, stop=("\n",),
+        texts = sampling.generate(m, self.tok, prompts, max_new_tokens=self.cfg.answer_tokens, stop=("\n",),
                               batch_size=self.cfg.eval_batch)
         return [t.strip() for t in texts], where
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import model
-import seal
+import sampling
 from conftest import LLAMA, random_model
 
 
@@ -36,23 +36,23 @@ def m():
 
 def test_cached_greedy_equals_naive(m):
     prompt = [5, 17, 3, 60, 2, 9]
-    assert seal.generate_ids(m, StubTok(), [prompt], max_new_tokens=20)[0] == naive_greedy(m, prompt, 20)
+    assert sampling.generate_ids(m, StubTok(), [prompt], max_new_tokens=20)[0] == naive_greedy(m, prompt, 20)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one(m):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 90, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
-    batched = seal.generate_ids(m, StubTok(), prompts, max_new_tokens=15)
-    alone = [seal.generate_ids(m, StubTok(), [p], max_new_tokens=15)[0] for p in prompts]
+    batched = sampling.generate_ids(m, StubTok(), prompts, max_new_tokens=15)
+    alone = [sampling.generate_ids(m, StubTok(), [p], max_new_tokens=15)[0] for p in prompts]
     assert batched == alone
     assert len(set(map(tuple, batched))) > 1  # not a degenerate model that says the same thing to everyone
 
 
 def test_sampling_is_seeded_and_shares_the_prefill(m):
     tok = StubTok()
-    a = seal.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=7)
-    b = seal.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=7)
-    c = seal.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=8)
+    a = sampling.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=7)
+    b = sampling.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=7)
+    c = sampling.generate_ids(m, tok, [[1, 2, 3], [4, 5]], 12, temperature=1.0, n=3, seed=8)
     assert len(a) == 6 and a == b and a != c
     assert len(set(map(tuple, a[:3]))) > 1  # three different samples of one prompt
 
@@ -60,21 +60,21 @@ def test_sampling_is_seeded_and_shares_the_prefill(m):
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {seal.sample_next(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    draws = {sampling.sample_next(logits, 1.0, 0.7, g).item() for _ in range(300)}
     assert draws == {0, 1}
 
 
 def test_stop_strings_cut_the_text(m):
     tok = StubTok()
-    full = seal.generate(m, tok, ["FRDA"], max_new_tokens=12)[0]
+    full = sampling.generate(m, tok, ["FRDA"], max_new_tokens=12)[0]
     assert len(full) >= 4
     stop = full[2]
-    cut = seal.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(stop,))[0]
+    cut = sampling.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(stop,))[0]
     assert cut == full[:full.index(stop)]
-    ids = seal.generate_ids(m, tok, [tok.encode("FRDA")], max_new_tokens=12, stop=(stop,))[0]
+    ids = sampling.generate_ids(m, tok, [tok.encode("FRDA")], max_new_tokens=12, stop=(stop,))[0]
     assert tok.decode(ids) == full[:full.index(stop) + 1]  # decoding stopped right after the stop token
     two = full[2:4]  # a stop string over two tokens: decoding runs on, the text is still cut at it
-    assert seal.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(two,))[0] == full[:full.index(two)]
+    assert sampling.generate(m, tok, ["FRDA"], max_new_tokens=12, stop=(two,))[0] == full[:full.index(two)]
 
 
 def test_real_model_greedy_matches_transformers(smollm2_dir):
@@ -82,7 +82,7 @@ def test_real_model_greedy_matches_transformers(smollm2_dir):
     m, tok = model.load(str(smollm2_dir))
     prompt = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
     ids = tok.encode(prompt)
-    ours = seal.generate_ids(m, tok, [ids], max_new_tokens=24)[0]
+    ours = sampling.generate_ids(m, tok, [ids], max_new_tokens=24)[0]
     ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(tok.stop_ids),
                        pad_token_id=tok.pad_id)[0, len(ids):].tolist()

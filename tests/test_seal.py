@@ -8,6 +8,7 @@ import torch
 
 import lora
 import model
+import sampling
 import seal
 
 
@@ -61,7 +62,7 @@ def config(tiny_dir, out, **kw):
 def p_yes(policy_dir_or_name, prompt="Item e1: pick yes or no?"):
     m, tok = model.load(str(policy_dir_or_name))
     trace = []
-    seal.sample_template(m, tok, tok.encode(prompt), Fake.template, temperature=0, trace=trace)
+    sampling.sample_template(m, tok, tok.encode(prompt), Fake.template, temperature=0, trace=trace)
     return torch.softmax(torch.tensor(trace[0]), -1)[0].item()
 
 
@@ -183,9 +184,9 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
         scores.append(sum(lp[len(ids) - n - 1 + t, ids[len(ids) - n + t]].item() for t in range(n)))
     best = options[max(range(len(options)), key=scores.__getitem__)]
     trace = []
-    greedy = seal.sample_template(m, tok, prompt, template, n=1, temperature=0, trace=trace)[0]
+    greedy = sampling.sample_template(m, tok, prompt, template, n=1, temperature=0, trace=trace)[0]
     assert tok.decode(greedy) == f" answer={best}!"
     assert trace == [pytest.approx(scores, abs=1e-4)]  # what it sampled from, one list per field
-    drawn = [tok.decode(x) for x in seal.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
+    drawn = [tok.decode(x) for x in sampling.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
     assert all(d in {f" answer={o}!" for o in options} for d in drawn)
     assert len(set(drawn)) > 1
