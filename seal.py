@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -555,3 +556,31 @@ def report(run_dir, cfg, domain, rows, phases):
               f"reward sum {r['rewarded']:.3g}; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
+
+
+# -----------------------------------------------------------------------------
+# `python seal.py compare RUN_DIR...`: the tables of several runs (seeds) side by side, mean and spread per row.
+
+
+def compare(dirs):
+    results = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    keys = list(dict.fromkeys(r["row"] for res in results for r in res["rows"]))
+    print(f"{'row':<12}" + "".join(f"{'seed ' + str(res['seed']):>12}" for res in results) + f"{'mean':>9}{'sd':>7}"
+          f"{'paper':>18}")
+    out = {}
+    for key in keys:
+        rates = [next((r["rate"] * 100 for r in res["rows"] if r["row"] == key), None) for res in results]
+        got = [x for x in rates if x is not None]
+        mean = sum(got) / len(got)
+        sd = (sum((x - mean) ** 2 for x in got) / (len(got) - 1)) ** 0.5 if len(got) > 1 else 0.0
+        paper = next(r["paper"] for res in results for r in res["rows"] if r["row"] == key)
+        out[key] = {"rates": rates, "mean": mean, "sd": sd, "paper": paper}
+        print(f"{key:<12}" + "".join(f"{x:>11.1f}%" if x is not None else f"{'-':>12}" for x in rates)
+              + f"{mean:>8.1f}%{sd:>7.1f}{paper:>18}")
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "compare":
+        raise SystemExit("usage: python seal.py compare RUN_DIR [RUN_DIR ...]")
+    compare(sys.argv[2:])

@@ -190,3 +190,14 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
     drawn = [tok.decode(x) for x in sampling.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
     assert all(d in {f" answer={o}!" for o in options} for d in drawn)
     assert len(set(drawn)) > 1
+
+
+def test_compare_puts_runs_side_by_side(tmp_path, capsys):
+    for seed, rates in ((0, (0.2, 0.4)), (1, (0.4, 0.8))):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
+            {"row": "base", "rate": rates[0], "paper": "32.7"}, {"row": "seal", "rate": rates[1], "paper": "47.0"}]}))
+    out = seal.compare([tmp_path / "s0", tmp_path / "s1"])
+    assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
+    assert "seed 1" in capsys.readouterr().out
