@@ -211,3 +211,18 @@ def test_settings_are_checked(tiny):
                      ({"rl_data": str(tiny / "ev.json")}, "in both eval_data and rl_data")):
         with pytest.raises(SystemExit, match=bad and msg):
             kn.Knowledge(config(tiny, "unused", **bad), tok)
+
+
+def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="needs --teacher"):
+        seal.run(config(tiny, tmp_path / "a", rows="teacher"), kn.Knowledge)
+    teacher = tmp_path / "teacher"  # another model: the tiny one with its weights scaled, so it writes otherwise
+    m, tok = model.load(str(tiny))
+    with torch.no_grad():
+        m.model.norm.weight.mul_(3.0)
+    model.save(m, teacher, tokenizer_dir=tiny)
+    res = seal.run(config(tiny, tmp_path / "b", rows="self_edit,teacher", teacher=str(teacher)), kn.Knowledge)
+    assert [r["row"] for r in res["rows"]] == ["self_edit", "teacher"]
+    own = json.loads((tmp_path / "b" / "samples-self_edit.json").read_text())
+    theirs = json.loads((tmp_path / "b" / "samples-teacher.json").read_text())
+    assert len(theirs) == 2 and [s["text"] for s in theirs] != [s["text"] for s in own]
