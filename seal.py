@@ -538,9 +538,10 @@ def report(run_dir, cfg, domain, rows, phases):
     if not run_dir.ranks.main:
         return result
     write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
-    print(f"\n{'method':<40}{'ours':>18}{'paper':>10}")
+    print(f"\n{'method':<44}{'ours':<20}paper")
     for r in table:
-        print(f"{r['method']:<40}{r['rate'] * 100:>8.1f}% ({r['score']:.3g}/{r['total']:g}){r['paper']:>10}")
+        ours = f"{r['rate'] * 100:.1f}% ({r['score']:.3g}/{r['total']:g})"
+        print(f"{r['method']:<44}{ours:<20}{r['paper']}")
     for r in table:
         if r["metrics"]:
             print(f"{r['row']:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
