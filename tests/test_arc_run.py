@@ -79,7 +79,7 @@ def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path):
     assert resumed["rows"] == straight["rows"]
     a = [json.loads(x) for x in (tmp_path / "a" / "evals.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "b" / "evals.jsonl").read_text().splitlines()]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "train")}
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "data_seconds", "train")}
     key = lambda r: (r["phase"], r["item"], r["k"])
     assert sorted(map(strip, a), key=key) == sorted(map(strip, b), key=key)
 
