@@ -315,11 +315,11 @@ class Knowledge(seal.Domain):
         p = self.passages[item]
         out = {"reward": 0.0, "valid": True, "reason": "", "title": p["title"]}
         runs, scores = [], {}
+        examples = self.sequences(p, text) if text is not None else None  # tokenized once for all runs
         for t in range(1 if text is None else self.cfg.eval_times):
             run = {}
             if text is not None:
                 adapter.reset(seed=seed + t)
-                examples = self.sequences(p, text)
                 res = self.train(m, adapter, examples, seed + t)
                 run.update(sequences=len(examples), steps=res.steps, loss_first=res.losses[0] if res.losses else None,
                            loss_last=res.losses[-1] if res.losses else None, train_seconds=round(res.seconds, 2))
