@@ -1,16 +1,20 @@
 """
 SEAL's hot paths, ours against the usual stack on the same model, weights and data (`bash train.sh bench`):
 
-  sampling    n self-edit samples of one ARC prompt: our generate (one prefill, the cache copied to n rows)
-              against transformers' generate with num_return_sequences (tokens/s)
-  answers     one batch of knowledge questions answered greedily, ours against transformers' generate (tokens/s)
+  sampling    n self-edit samples of one ARC prompt: our generate (one prefill whose cache the n samples share)
+              against transformers' generate with num_return_sequences (tokens/s; and the decoding steps alone,
+              as GB/s of weights and cache read per step, against the card's bandwidth on a GPU)
+  answers     one batch of knowledge questions answered greedily (batched greedy decoding), the same figures
   inner_loop  our packed LoRA training (lora.train) against transformers + PEFT over right-padded batches, the
               official recipe (reference 1.5): LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW; clip 1.0; cosine
   arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
               per phase (ours only: there is no reference to run)
 
     python bench.py                                   # the offline SmolLM2-135M, every measurement
-    python bench.py --only=inner_loop --model= --examples=16   # random SmolLM2-shaped weights, one measurement
+    python bench.py --only=inner_loop --model=random:smollm2-135m --examples=16   # random weights, one measurement
+
+On a GPU the bench also measures random weights of Llama-3.2-1B's shape (--gpu_shape; the hub is not needed) and
+reports MFU for training and the share of the memory bandwidth reached by decoding.
 
 Throughput counts REAL tokens only. Both sides decode the same number of tokens (no early stop). The two training
 loops run interleaved step by step, so a busy machine slows both alike. On CUDA both use bf16 base weights with
@@ -28,16 +32,35 @@ import model as model_lib
 from tokenizer import Tokenizer
 
 TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
-SMOLLM2_135M = dict(  # the shape of SmolLM2-135M (offline-model.md), random weights
-    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-    max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16, for MFU
+SHAPES = {  # hub config.json fields of models measured with random weights (--model=random:NAME)
+    "smollm2-135m": dict(  # offline-model.md
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "llama-3.2-1b": dict(  # meta-llama/Llama-3.2-1B-Instruct: 1.236 B parameters, the paper's ARC model
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009),
+}
+CARDS = {  # dense bf16 TFLOP/s and memory GB/s from the vendors' sheets, for MFU and the bandwidth share
+    "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0),
+    "L40S": (362.0, 864.0)}
+
+
+def card_peaks(device) -> tuple:
+    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU or an unlisted card."""
+    if not device.startswith("cuda"):
+        return None, None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in CARDS.items() if k in name), (None, None))
 
 
 @dataclass
 class Bench:
-    model: str = "smollm2-135m"  # a folder / hub id / "smollm2-135m"; empty: random SmolLM2-135M-shaped weights
+    model: str = "smollm2-135m"  # a folder / hub id / "smollm2-135m", or random:NAME for random weights of SHAPES
+    gpu_shape: str = "llama-3.2-1b"  # on a GPU, also measure random weights of this shape ("" to skip)
     only: str = "sampling,answers,inner_loop,arc_eval"   # which measurements
     samples: int = 8             # sampling: self-edits of one prompt
     sample_tokens: int = 128
@@ -56,7 +79,7 @@ class Bench:
     device: str = "auto"
     threads: int = 1             # CPU threads for both sides; 0: torch's default. On a shared 2-core machine two
                                  # threads ran ~4x slower than one (OpenMP workers waiting on each other)
-    compile: bool = False        # torch.compile our model's hidden() (CUDA; shapes vary, so dynamic=True)
+    compile: bool = False        # torch.compile our decoding step and training forward (model.compile_hot_paths)
     out: str = "runs/bench/bench.json"
 
 
@@ -74,17 +97,21 @@ def arc_like(cfg: Bench, vocab: int):
             for _ in range(cfg.examples)]
 
 
-def build_models(cfg: Bench, device, dtype):
-    """Our Transformer and transformers' model holding identical weights."""
+def build_models(name, seed, device, dtype):
+    """Our Transformer and transformers' model holding identical weights (random ones for random:NAME)."""
     import transformers
-    if cfg.model:
-        path = model_lib.resolve(cfg.model)
+    if not name.startswith("random:"):
+        path = model_lib.resolve(name)
         ours, _ = model_lib.load(str(path), device=device, dtype=dtype)
         ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
-        torch.manual_seed(cfg.seed)
-        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M))  # init std 0.02
-        ours = model_lib.Transformer(model_lib.Config.from_hf(SMOLLM2_135M))
+        shape = SHAPES.get(name.removeprefix("random:"))
+        if shape is None:
+            raise SystemExit(f"--model={name}: unknown shape (known: {', '.join('random:' + k for k in SHAPES)})")
+        torch.manual_seed(seed)
+        with torch.device(device):  # drawn where they are used: a 1B model's fp32 init is slow on the host
+            ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))  # init std 0.02
+            ours = model_lib.Transformer(model_lib.Config.from_hf(shape))
         ours.load_state_dict(ref.state_dict(), strict=True)
         for m in (ref, ours):  # cast the weights only: the rotary inv_freq buffers stay fp32, as load() keeps them
             for p in m.parameters():
@@ -154,8 +181,6 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
 
     adapter = lora.inject(ours, cfg.r, cfg.alpha, TARGETS, seed=cfg.seed)
     base = Baseline(ref, cfg, len(plan))
-    if cfg.compile:
-        ours.hidden = torch.compile(ours.hidden, dynamic=True)
     short = [(data[0][0][:64], data[0][1][:16])] * cfg.batch_size  # warm-up step for both: allocator, kernels
     lora.train(ours, short, lr=cfg.lr, batch_size=cfg.batch_size, adapter=adapter)
     adapter.reset()
@@ -196,13 +221,11 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
         "speedup": theirs["seconds"] / ours_s,
         "first_loss_ours": res.losses[0], "first_loss_theirs": theirs["losses"][0],  # B=0: both are the base model
         "lora_params": n_lora}
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        if peak:
-            fpt = flops_per_token(ours, n_lora)
-            result["mfu_ours"] = result["ours_tok_s"] * fpt / (peak * 1e12)
-            result["mfu_theirs"] = result["theirs_tok_s"] * fpt / (peak * 1e12)
+    peak, _ = card_peaks(device)
+    if peak:
+        fpt = flops_per_token(ours, n_lora)
+        result["mfu_ours"] = result["ours_tok_s"] * fpt / (peak * 1e12)
+        result["mfu_theirs"] = result["theirs_tok_s"] * fpt / (peak * 1e12)
 
     print(f"\n{len(plan)} steps, {real} real tokens; the padded baseline computes {theirs['padded']} "
           f"({100 * result['padding_share_baseline']:.1f}% padding)")
@@ -223,8 +246,18 @@ class NoStop:
         self.pad_id = pad_id
 
 
+def bytes_per_step(m, prompts, n, new_tokens) -> float:
+    """What one decoding step must read at least, averaged over the steps: every weight once (a tied embedding
+    once) and the keys and values it attends to: each prompt's once (model.DecodeCache), each sample's own."""
+    c, size = m.config, m.lm_head.weight.element_size()
+    weights = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values()) * size
+    kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * size
+    return weights + kv_per_token * (sum(map(len, prompts)) + len(prompts) * n * new_tokens / 2)
+
+
 def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pad_id):
-    """Our generate_ids against transformers' generate on the same prompts (left-padded), n samples each."""
+    """Our generate_ids against transformers' generate on the same prompts (left-padded), n samples each; then
+    each side's prefill alone (one new token), so that the decoding steps can be timed apart."""
     import sampling
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     width = max(map(len, prompts))
@@ -235,25 +268,45 @@ def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pa
     if temperature > 0:
         kw.update(temperature=temperature, top_p=1.0, top_k=0)
     ref.config.use_cache = True
-    times = {}
-    for who in ("ours", "theirs", "ours", "theirs"):  # the first pass of each warms up; the second is timed
+
+    def timed(who, tokens):
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             if who == "ours":
-                out = sampling.generate_ids(ours, NoStop(pad_id), prompts, new_tokens, temperature, 1.0, n, seed=0)
+                out = sampling.generate_ids(ours, NoStop(pad_id), prompts, tokens, temperature, 1.0, n, seed=0)
                 made = sum(map(len, out))
             else:
-                out = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+                out = ref.generate(input_ids=ids, attention_mask=mask,
+                                   **{**kw, "max_new_tokens": tokens, "min_new_tokens": tokens})
                 made = (out.shape[1] - width) * out.shape[0]
         sync()
-        times[who] = (time.perf_counter() - t0, made)
-    (s_ours, t_ours), (s_theirs, t_theirs) = times["ours"], times["theirs"]
+        return time.perf_counter() - t0, made
+
+    for who in ("ours", "theirs"):  # warm-up passes: allocator, kernels, packed weights
+        timed(who, new_tokens)
+    (s_ours, t_ours), (s_theirs, t_theirs) = timed("ours", new_tokens), timed("theirs", new_tokens)
+    (p_ours, _), (p_theirs, _) = timed("ours", 1), timed("theirs", 1)
+    steps = max(new_tokens - 1, 1)
+    step_ours, step_theirs = max(s_ours - p_ours, 1e-9) / steps, max(s_theirs - p_theirs, 1e-9) / steps
+    need = bytes_per_step(ours, prompts, n, new_tokens)
     result = {"prompts": len(prompts), "samples_per_prompt": n, "new_tokens": new_tokens,
               "prompt_tokens": [len(p) for p in prompts][:8], "ours_seconds": s_ours, "theirs_seconds": s_theirs,
-              "ours_tok_s": t_ours / s_ours, "theirs_tok_s": t_theirs / s_theirs, "speedup": s_theirs / s_ours}
+              "ours_tok_s": t_ours / s_ours, "theirs_tok_s": t_theirs / s_theirs, "speedup": s_theirs / s_ours,
+              "prefill_seconds_ours": p_ours, "prefill_seconds_theirs": p_theirs,
+              "step_ms_ours": 1e3 * step_ours, "step_ms_theirs": 1e3 * step_theirs,
+              "bytes_per_step": need, "decode_gb_s_ours": need / step_ours / 1e9,
+              "decode_gb_s_theirs": need / step_theirs / 1e9}
+    _, peak_gbs = card_peaks(device)
+    if peak_gbs:
+        result["bandwidth_share_ours"] = result["decode_gb_s_ours"] / peak_gbs
+        result["bandwidth_share_theirs"] = result["decode_gb_s_theirs"] / peak_gbs
     print(f"== {name}: {len(prompts)} prompt(s) x {n}, {new_tokens} new tokens each: ours {result['ours_tok_s']:.1f} "
           f"tok/s, transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x", flush=True)
+    share = f" ({100 * result['bandwidth_share_ours']:.0f}% of the card's bandwidth)" if peak_gbs else ""
+    print(f"   prefill ours {p_ours:.2f}s, theirs {p_theirs:.2f}s; a decoding step ours {1e3 * step_ours:.1f} ms, "
+          f"theirs {1e3 * step_theirs:.1f} ms; reading {need / 1e6:.0f} MB a step: ours "
+          f"{result['decode_gb_s_ours']:.1f} GB/s{share}, theirs {result['decode_gb_s_theirs']:.1f} GB/s", flush=True)
     return result
 
 
@@ -261,8 +314,8 @@ def arc_eval(cfg: Bench, device):
     """One ARC self-edit evaluation with the tiny preset's oracle configuration, seconds per phase."""
     import seal
     from domains import arc
-    acfg = arc.ArcConfig(model=cfg.model or model_lib.OFFLINE_DEFAULT, split="tiny", fmt="compact",
-                         max_examples=24, warmup=2, device=device)
+    acfg = arc.ArcConfig(model=cfg.model, split="tiny", fmt="compact",
+                         max_examples=24, warmup=2, device=device, compile=cfg.compile)
     learner = seal.Learner(acfg, acfg.model)
     dom = arc.Arc(acfg, learner.tok)
     edit = arc.SelfEdit.from_spec("basic+size+chain+repeat:output:3e-3:6").to_json()
@@ -279,6 +332,28 @@ def arc_eval(cfg: Bench, device):
     return result
 
 
+def measure(cfg: Bench, name, device, dtype, only) -> dict:
+    """inner_loop, sampling and answers on one model, ours and transformers' holding the same weights."""
+    if not {"sampling", "answers", "inner_loop"} & set(only):
+        return {}
+    ours, ref = build_models(name, cfg.seed, device, dtype)
+    if cfg.compile:
+        ours.compile_hot_paths()
+    result = {}
+    if "inner_loop" in only:
+        result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
+    tok = None if name.startswith("random:") else Tokenizer.from_dir(model_lib.resolve(name))
+    pad = ours.config.extra.get("eos_token_id", 0)
+    pad = pad[0] if isinstance(pad, list) else pad
+    if "sampling" in only:
+        result["sampling"] = decode_race("sampling", device, ours, ref, [arc_prompt(tok, ours.config.vocab_size)],
+                                         cfg.samples, cfg.sample_tokens, 0.8, pad)
+    if "answers" in only:
+        result["answers"] = decode_race("answers", device, ours, ref, question_prompts(tok, ours.config.vocab_size),
+                                        1, cfg.answer_tokens, 0.0, pad)
+    return result
+
+
 def main(cfg: Bench):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.threads and device == "cpu":
@@ -288,27 +363,19 @@ def main(cfg: Bench):
     unknown = set(only) - {"sampling", "answers", "inner_loop", "arc_eval"}
     if unknown:
         raise SystemExit(f"--only: unknown measurement(s) {sorted(unknown)}")
-    print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, model "
-          f"{cfg.model or 'random SmolLM2-135M shape'}", flush=True)
+    print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, model {cfg.model}", flush=True)
     result = {"device": device if device == "cpu" else torch.cuda.get_device_name(),
-              "threads": torch.get_num_threads(), "dtype": str(dtype),
-              "model": cfg.model or "random SmolLM2-135M shape", "date": time.strftime("%Y-%m-%d"),
-              "config": asdict(cfg)}
-    if {"sampling", "answers", "inner_loop"} & set(only):
-        ours, ref = build_models(cfg, device, dtype)
-        if "inner_loop" in only:
-            result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
-        tok = Tokenizer.from_dir(model_lib.resolve(cfg.model)) if cfg.model else None
-        pad = ours.config.eos_token_id if getattr(ours.config, "eos_token_id", None) is not None else 0
-        if "sampling" in only:
-            prompt = arc_prompt(tok, ours.config.vocab_size)
-            result["sampling"] = decode_race("sampling", device, ours, ref, [prompt], cfg.samples,
-                                             cfg.sample_tokens, 0.8, pad)
-        if "answers" in only:
-            result["answers"] = decode_race("answers", device, ours, ref, question_prompts(tok, ours.config.vocab_size),
-                                            1, cfg.answer_tokens, 0.0, pad)
+              "threads": torch.get_num_threads(), "dtype": str(dtype), "model": cfg.model,
+              "date": time.strftime("%Y-%m-%d"), "config": asdict(cfg)}
+    result.update(measure(cfg, cfg.model, device, dtype, only))
     if "arc_eval" in only:
-        result["arc_eval"] = arc_eval(cfg, device)
+        if cfg.model.startswith("random:"):
+            print("== arc_eval: skipped (it needs a model with a tokenizer, not random:)", flush=True)
+        else:
+            result["arc_eval"] = arc_eval(cfg, device)
+    if device.startswith("cuda") and cfg.gpu_shape and cfg.model != f"random:{cfg.gpu_shape}":
+        print(f"\n==== random weights of {cfg.gpu_shape}'s shape", flush=True)
+        result[f"random:{cfg.gpu_shape}"] = measure(cfg, f"random:{cfg.gpu_shape}", device, dtype, only)
     if cfg.out:
         from pathlib import Path
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -287,8 +287,7 @@ def pack(examples, loss_on="completion", device="cpu") -> Packed:
 def packed_loss(model, p: Packed) -> torch.Tensor:
     """Token-mean cross-entropy over the row's targets. The vocab projection runs only at target positions: for ARC
     completions that is a few % of the tokens, and the (T, vocab) logits tensor is never built."""
-    h = model.hidden(p.idx, doc_lens=p.doc_lens)
-    return F.cross_entropy(model.lm_head(h[0, p.pos]).float(), p.targets)
+    return F.cross_entropy(model.packed_logits(p.idx, p.doc_lens, p.pos), p.targets)
 
 
 def n_targets(example, loss_on) -> int:

@@ -1,6 +1,6 @@
 """
-Sampling from a model: left-padded batches, one prefill shared by n samples, a preallocated KV cache, tokens kept
-on the device until the end; and fill-in sampling of structured answers (sample_template). What SEAL samples
+Sampling from a model: left-padded batches, one prefill whose cache n samples share (model.DecodeCache), tokens
+kept on the device until the end; and fill-in sampling of structured answers (sample_template). What SEAL samples
 self-edits with and what the adapted models answer with.
 
     python sampling.py --prompt="The capital of France is"          # first thing to try
@@ -15,7 +15,7 @@ import torch
 import model as model_lib
 
 # -----------------------------------------------------------------------------
-# Generation: left-padded batches, one prefill shared by n samples, a preallocated KV cache
+# Generation: left-padded batches, one prefill shared by n samples (model.DecodeCache)
 
 
 def sample_next(logits, temperature, top_p, gen):
@@ -23,12 +23,16 @@ def sample_next(logits, temperature, top_p, gen):
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0)
+    # Inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per vocabulary entry, which
+    # on a CPU was ~7% of a decoding step.
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (picked if order is None else order.gather(-1, picked))[:, 0]
 
 
 def stop_after_ids(tok, stop, vocab_size) -> list:
@@ -58,12 +62,10 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
         valid[i, L - len(p):] = True
     x, valid = x.to(dev), valid.to(dev)
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    cache = m.new_cache(B, L + max_new_tokens)
-    h = m.hidden(x, input_pos=pos, cache=cache, valid=valid)[:, -1]
-    logits = m.lm_head(h).float()
-    if n > 1:  # prefill once, then copy the cache into n rows per prompt
-        cache, logits, pos = cache.repeat(n), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
-    next_pos = pos[:, -1:] + 1
+    prompt_cache = m.new_cache(B, L)
+    h = m.hidden(x, input_pos=pos, cache=prompt_cache, valid=valid)[:, -1]
+    logits = m.lm_head(h).float().repeat_interleave(n, 0)  # one prefill; the n samples share its cache
+    cache = model_lib.DecodeCache(prompt_cache, n, max_new_tokens - 1, pos[:, -1:].repeat_interleave(n, 0) + 1)
     gen = torch.Generator(device=dev).manual_seed(seed)
     stop_now = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
     stop_after = torch.tensor(stop_after_ids(tok, stop, logits.shape[-1]) if stop else [], dtype=torch.long,
@@ -78,10 +80,9 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
         out[:, t] = torch.where(done | ends, -1, nxt)
         done |= ends | torch.isin(nxt, stop_after)
         steps = t + 1
-        if steps % check == 0 and bool(done.all()):
+        if steps == max_new_tokens or steps % check == 0 and bool(done.all()):
             break
-        logits = m.lm_head(m.hidden(nxt[:, None], input_pos=next_pos, cache=cache)[:, -1]).float()
-        next_pos = next_pos + 1
+        logits = m.decode(nxt[:, None], cache)
     return [[t for t in row if t >= 0] for row in out[:, :steps].tolist()]  # the one transfer to the host
 
 

@@ -44,6 +44,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # cuda if available, else cpu
     dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (lora.py keeps adapters and optimizer state fp32)
+    compile: bool = False           # torch.compile the decoding step and the training forward (for a GPU; on a
+                                    # CPU the compile time outweighs the gain on short runs)
     rows: str = ""                  # which rows of the results table to produce, by key; "" for all
     teacher: str = ""               # a model whose self-edits fill the `teacher` row (the paper's GPT-4.1 row)
     # ReST-EM outer loop (paper section 3.1)
@@ -70,7 +72,7 @@ class RunConfig:
     @property
     def fingerprint(self):
         """Settings that change results: a run folder refuses to resume under different values."""
-        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device")}
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device", "compile")}
         return {"config": type(self).__name__, **kept}
 
 
@@ -213,6 +215,8 @@ class Learner:
             self.adapter.remove()
         self.m = None  # free the old weights before reading the new ones
         self.m, self.tok = model_lib.load(name_or_path, device=self.device, dtype=self.dtype)
+        if self.cfg.compile:
+            self.m.compile_hot_paths()
         self.inject()
 
     def inject(self):

@@ -2,6 +2,9 @@
 behaviour check: speed itself is not asserted)."""
 import json
 
+import pytest
+import torch
+
 import bench
 
 
@@ -18,3 +21,26 @@ def test_bench_writes_every_measurement(tiny_chat_dir, tmp_path):
     assert saved["arc_eval"]["steps"] > 0 and saved["arc_eval"]["seconds"] >= saved["arc_eval"]["train_seconds"]
     assert res["inner_loop"]["first_loss_ours"] == res["inner_loop"]["first_loss_theirs"] or \
         abs(res["inner_loop"]["first_loss_ours"] - res["inner_loop"]["first_loss_theirs"]) < 1e-3
+
+
+def test_bench_on_random_weights_of_a_shape(monkeypatch, tmp_path):
+    """random:NAME (what the GPU bench adds for Llama-3.2-1B) builds both models from SHAPES, and the decoding
+    figures (prefill apart, step time, GB/s against the bytes a step must read) come out for both measurements."""
+    from conftest import LLAMA
+    monkeypatch.setitem(bench.SHAPES, "tiny", {**LLAMA, "eos_token_id": 2})
+    cfg = bench.parse_args(["--model=random:tiny", "--only=sampling,answers,inner_loop", "--examples=2",
+                            "--prompt_min=20", "--prompt_max=60", "--completion_max=10", "--samples=2", "--sample_tokens=5",
+                            "--answer_tokens=3", f"--out={tmp_path / 'b.json'}"])
+    res = bench.main(cfg)
+    assert res["model"] == "random:tiny" and "arc_eval" not in res
+    for key in ("sampling", "answers"):
+        r = res[key]
+        assert r["prefill_seconds_ours"] > 0 and r["step_ms_ours"] > 0 and r["decode_gb_s_ours"] > 0
+    ours, _ = bench.build_models("random:tiny", 0, "cpu", torch.float32)
+    weights = sum(p.numel() for p in ours.parameters()) * 4  # fp32, untied
+    kv_per_token = 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 KV heads of 16, fp32
+    # one 700-token prompt read once, plus 2 samples' own tokens, 2.5 of them on average over 5 steps
+    assert res["sampling"]["bytes_per_step"] == pytest.approx(weights + kv_per_token * (700 + 2 * 2.5))
+    assert res["inner_loop"]["first_loss_ours"] == pytest.approx(res["inner_loop"]["first_loss_theirs"], abs=1e-3)
+    with pytest.raises(SystemExit, match="unknown shape"):
+        bench.main(bench.parse_args(["--model=random:nope", "--only=sampling", "--out="]))

@@ -65,6 +65,50 @@ def test_cached_decoding_equals_full_forward(cfg):
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("cfg", [LLAMA, QWEN2], ids=["llama", "qwen2"])
+def test_shared_prefix_decoding_equals_full_forward(cfg):
+    """DecodeCache: 3 samples of each of 2 left-padded prompts, each row fed its own tokens for 70 steps (past a
+    span bucket of 64), against the full forward of each row's sequence alone."""
+    m = random_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g) for n in (9, 21)]
+    n, steps = 3, 70
+    fed = torch.randint(1, 97, (2 * n, steps), generator=g)
+    x = torch.zeros(2, 21, dtype=torch.long)
+    x[0, 12:], x[1] = prompts
+    valid = x != 0
+    valid[1] = True
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        prefix = m.new_cache(2, 21)
+        m.hidden(x, input_pos=pos, cache=prefix, valid=valid)
+        cache = model.DecodeCache(prefix, n, steps, pos[:, -1:].repeat_interleave(n, 0) + 1)
+        logits = torch.stack([m.decode(fed[:, t:t + 1], cache) for t in range(steps)], 1)  # (6, steps, V)
+        for row in range(2 * n):
+            full = m(torch.cat([prompts[row // n], fed[row]])[None])[0, -steps:]
+            assert (logits[row] - full).abs().max() < 1e-4, row
+    assert cache.t == steps and cache.span() == steps  # the last bucket is cut at the buffer's end
+    assert not torch.equal(logits[0], logits[1])  # the samples of one prompt differ: each saw its own tokens
+
+
+@pytest.mark.skipif(not model.PACK_ON_CPU, reason="this torch has no oneDNN")
+def test_linear_prepacked_on_cpu_equals_plain_and_follows_weight_changes():
+    import copy
+    lin = model.Linear(48, 40)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert torch.allclose(lin(x), plain, atol=1e-5) and lin._packed is not None  # few rows: the packed path
+        lin.weight.mul_(2)  # an in-place write (as a merged adapter makes): the packed copy must follow
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+        assert not torch.allclose(lin(x), plain, atol=1e-2)
+        twin = copy.deepcopy(lin)  # copies leave the cache behind
+        assert twin._packed is None and torch.allclose(twin(x), lin(x), atol=1e-5)
+    y = lin(x.requires_grad_())  # with grad: the plain path, so training differentiates F.linear
+    y.sum().backward()
+    assert x.grad is not None
+
+
 def test_packed_rows_equal_separate_documents():
     m = random_model(LLAMA)
     a, b, c = (torch.randint(0, 97, (1, n)) for n in (7, 30, 12))
