@@ -401,6 +401,8 @@ class Transformer(nn.Module):
         is preallocated and its attended length bucketed, see DecodeCache) and the packed training forward
         (dynamic=True: every batch packs to another length). The first calls of each shape pay the compile
         time; a changed module tree (an adapter injected or removed) recompiles. Everything else stays eager."""
+        # each span bucket, adapter on or off, and number of packed documents is its own graph: allow more than 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.decode_step = torch.compile(self.decode_step)
         self.packed_logits = torch.compile(self.packed_logits, dynamic=True)
         return self

@@ -64,6 +64,17 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0, 1}
 
 
+def test_sampling_follows_the_distribution():
+    """The inverse-CDF draw picks token i with probability p_i, also through the nucleus' sorted order."""
+    probs = torch.tensor([0.1, 0.5, 0.0, 0.25, 0.15])
+    logits = torch.log(probs)[None].expand(4000, 5)  # 4000 rows: 4000 independent draws in one call
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sampling.sample_next(logits, 1.0, 1.0, g), minlength=5) / 4000
+    assert (freq - probs).abs().max() < 0.03 and freq[2] == 0
+    nucleus = torch.bincount(sampling.sample_next(logits, 1.0, 0.7, g), minlength=5) / 4000  # keeps 0.5 and 0.25
+    assert (nucleus - torch.tensor([0, 2 / 3, 0, 1 / 3, 0])).abs().max() < 0.03
+
+
 def test_stop_strings_cut_the_text(m):
     tok = StubTok()
     full = sampling.generate(m, tok, ["FRDA"], max_new_tokens=12)[0]
