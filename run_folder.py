@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Processes. Self-edit evaluations are independent, so torchrun can shard them: job j of a phase goes to rank
-# j % world. Rank 0 samples, runs the M-step and writes the table; the others wait at a barrier and read what it
-# wrote. Without torchrun's RANK / WORLD_SIZE this is rank 0 of 1 and there is no process group.
+# Processes. Self-edit samples and evaluations are independent, so torchrun can shard them: batch b of prompts
+# and job j of a phase go to ranks b % world and j % world. Rank 0 writes the samples, runs the M-step and writes
+# the table; the others wait at a barrier and read what it wrote. Without torchrun's RANK / WORLD_SIZE this is rank 0 of 1 and there is no process group.
 
 
 class Ranks:
@@ -35,6 +35,14 @@ class Ranks:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def all_gather(self, obj) -> list:
+        """Every rank's obj (pickled: small things such as sampled token ids), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -101,9 +109,13 @@ class RunFolder:
         self.done[(rec["phase"], rec["item"], rec["k"])] = rec
 
     def samples(self, phase, make):
-        """The sampled self-edits of a phase: made once (by rank 0), then read back, also on every resume."""
+        """The sampled self-edits of a phase: made once (every rank calls make(), which shares the work out and
+        gathers it; rank 0 writes the file), then read back, also on every resume."""
         path = self.dir / f"samples-{phase}.json"
-        if self.ranks.main and not path.exists():
-            write_atomic(path, json.dumps(make()))
-        self.ranks.barrier()  # every rank calls this for every phase, so the barriers always pair up
+        self.ranks.barrier()  # all ranks see the folder alike: all sample or none (every rank calls this per phase)
+        if not path.exists():
+            made = make()  # gathers from every rank, so no rank writes before all have looked above
+            if self.ranks.main:
+                write_atomic(path, json.dumps(made))
+        self.ranks.barrier()
         return json.loads(path.read_text())

@@ -263,23 +263,31 @@ class Learner:
         return res
 
 
-def sample_self_edits(m, tok, domain, items, n, cfg, phase):
-    """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item)."""
+def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None):
+    """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item). Prompts go in
+    batches (one item each in template mode), each seeded by its position; under torchrun every rank samples every
+    world-th batch and all ranks gather the lot, so the samples do not depend on the number of processes."""
     prompts = [domain.prompt_ids(it, tok) for it in items]
+    size = 1 if domain.template is not None else max(1, cfg.eval_batch // n)
+    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
     t0 = time.time()
-    outs = []
-    if domain.template is not None:
-        for i, p in enumerate(prompts):
-            outs += sample_template(m, tok, p, domain.template, n, cfg.se_temperature,
-                                    seed=stable_seed(cfg.seed, phase, items[i]))
-    else:
-        step = max(1, cfg.eval_batch // n)
-        for i in range(0, len(prompts), step):
-            outs += generate_ids(m, tok, prompts[i:i + step], cfg.se_max_tokens, cfg.se_temperature,
-                                 cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
+    mine = {}
+    for i in list(range(0, len(prompts), size))[rank::world]:
+        if domain.template is not None:
+            mine[i] = sample_template(m, tok, prompts[i], domain.template, n, cfg.se_temperature,
+                                      seed=stable_seed(cfg.seed, phase, items[i]))
+        else:
+            mine[i] = generate_ids(m, tok, prompts[i:i + size], cfg.se_max_tokens, cfg.se_temperature,
+                                   cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
     dt = time.time() - t0
-    ntok = sum(map(len, outs))
-    print(f"[{phase}] sampled {len(outs)} self-edits in {fmt_time(dt)} ({ntok / max(dt, 1e-9):.0f} tok/s)", flush=True)
+    ntok = sum(len(o) for outs in mine.values() for o in outs)
+    tag = f"[{phase}]" if world == 1 else f"[{phase} rank {rank}]"
+    print(f"{tag} sampled {sum(map(len, mine.values()))} self-edits in {fmt_time(dt)} "
+          f"({ntok / max(dt, 1e-9):.0f} tok/s)", flush=True)
+    batches = {}
+    for part in (ranks.all_gather(mine) if ranks else [mine]):
+        batches.update(part)
+    outs = [o for i in sorted(batches) for o in batches[i]]
     return [{"item": it, "k": k, "prompt_ids": prompts[j], "ids": outs[j * n + k],
              "text": domain.answer_prefix + tok.decode(outs[j * n + k])}
             for j, it in enumerate(items) for k in range(n)]
@@ -289,10 +297,11 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg):
     """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder; under torchrun
     this rank takes every world-th job (fixed by position, so it does not depend on what is done)."""
     ranks = run.ranks
-    todo = [j for j in jobs[ranks.rank::ranks.world] if (phase, j["item"], j["k"]) not in run.done]
+    mine = jobs[ranks.rank::ranks.world]
+    todo = [j for j in mine if (phase, j["item"], j["k"]) not in run.done]
     tag = f"[{phase}]" if ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
     if todo:
-        print(f"{tag} {len(jobs) - len(todo)}/{len(jobs)} already done; evaluating {len(todo)}", flush=True)
+        print(f"{tag} {len(mine) - len(todo)}/{len(mine)} already done; evaluating {len(todo)}", flush=True)
     t0 = time.time()
     for i, j in enumerate(todo):
         t1 = time.time()
@@ -342,7 +351,8 @@ def run(cfg: RunConfig, domain_cls):
 
     def sampled(phase, items, n, m=None, tok=None):
         m, tok = (m, tok) if m is not None else (learner.policy(), learner.tok)
-        jobs = run_dir.samples(phase, lambda: sample_self_edits(m, tok, domain, items, n, cfg, phase))
+        jobs = run_dir.samples(phase, lambda: sample_self_edits(m, tok, domain, items, n, cfg, phase,
+                                                                run_dir.ranks))
         recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)
         valid = sum(r.get("valid", True) for r in recs)
         if ranks.main:
@@ -396,7 +406,7 @@ def rest_em_round(run_dir, learner, domain, cfg, r):
         return
     items = domain.rl_items_for_round(r)
     jobs = run_dir.samples(f"rl{r}", lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
-                                                                 cfg.rl_samples, cfg, f"rl{r}"))
+                                                                 cfg.rl_samples, cfg, f"rl{r}", run_dir.ranks))
     recs = evaluate_phase(run_dir, learner, domain, f"rl{r}", jobs, cfg)
     kept = domain.select(recs)
     if run_dir.ranks.main:  # the M-step runs on rank 0; the others load the policy it saved
