@@ -18,8 +18,8 @@ import model as model_lib
 # Generation: left-padded batches, one prefill shared by n samples (model.DecodeCache)
 
 
-def sample_next(logits, temperature, top_p, gen):
-    """logits (B, V) fp32 -> (B,) token ids. temperature 0 is greedy."""
+def sample_next(logits, temperature, top_p, u):
+    """logits (B, V) fp32 -> (B,) token ids. temperature 0 is greedy; else u (B,) holds one uniform per row."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -27,11 +27,10 @@ def sample_next(logits, temperature, top_p, gen):
     if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0)
-    # Inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per vocabulary entry, which
-    # on a CPU was ~7% of a decoding step.
+    # Inverse-CDF draw: one uniform per row, drawn ahead from the row's own generator (see generate_ids).
+    # torch.multinomial draws an exponential per vocabulary entry, which on a CPU was ~7% of a decoding step.
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    picked = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
     return (picked if order is None else order.gather(-1, picked))[:, 0]
 
 
@@ -49,6 +48,9 @@ def stop_after_ids(tok, stop, vocab_size) -> list:
 def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0):
     """prompts: token-id lists. Returns len(prompts) * n completions (token-id lists, samples of a prompt
     adjacent). A completion ends before its stop token, or after a token that contains a stop string.
+    seed: one per prompt (a list), or an int s for seeds s, s+1, ... Prompt j's n samples draw their uniforms from
+    a generator seeded with seed j alone, so what a prompt samples does not depend on the other prompts of its
+    batch, or on how prompts are batched (up to float rounding that changes with the batch's shape).
     The tokens stay on the device until the end: on a GPU the host looks at them once every 16 steps (to end
     early when every row is done), not once per token."""
     dev = m.lm_head.weight.device
@@ -66,7 +68,13 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     h = m.hidden(x, input_pos=pos, cache=prompt_cache, valid=valid)[:, -1]
     logits = m.lm_head(h).float().repeat_interleave(n, 0)  # one prefill; the n samples share its cache
     cache = model_lib.DecodeCache(prompt_cache, n, max_new_tokens - 1, pos[:, -1:].repeat_interleave(n, 0) + 1)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    seeds = [seed + j for j in range(B)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+    uniforms = None
+    if temperature > 0:  # every row's uniforms for every step, drawn ahead on the host: one transfer
+        uniforms = torch.cat([torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(s))
+                              for s in seeds]).to(dev)
     stop_now = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
     stop_after = torch.tensor(stop_after_ids(tok, stop, logits.shape[-1]) if stop else [], dtype=torch.long,
                               device=dev)
@@ -75,7 +83,7 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     check = 1 if dev.type == "cpu" else 16  # a host sync costs nothing on a CPU
     steps = 0
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)
+        nxt = sample_next(logits, temperature, top_p, None if uniforms is None else uniforms[:, t])
         ends = torch.isin(nxt, stop_now)
         out[:, t] = torch.where(done | ends, -1, nxt)
         done |= ends | torch.isin(nxt, stop_after)

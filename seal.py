@@ -264,32 +264,35 @@ class Learner:
 
 
 def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None):
-    """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item). Prompts go in
-    batches (one item each in template mode), each seeded by its position; under torchrun every rank samples every
-    world-th batch and all ranks gather the lot, so the samples do not depend on the number of processes."""
+    """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item). Each item's
+    samples are seeded by the item alone, so they do not depend on the batching (--eval_batch) or, under torchrun,
+    on the number of processes: every rank samples every world-th item and all ranks gather the lot."""
     prompts = [domain.prompt_ids(it, tok) for it in items]
-    size = 1 if domain.template is not None else max(1, cfg.eval_batch // n)
     rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
+    seeds = [stable_seed(cfg.seed, phase, it) for it in items]
+    own = list(range(len(items)))[rank::world]
+    size = max(1, cfg.eval_batch // n)
     t0 = time.time()
     mine = {}
-    for i in list(range(0, len(prompts), size))[rank::world]:
+    for b in range(0, len(own), size):
+        batch = own[b:b + size]
         if domain.template is not None:
-            mine[i] = sample_template(m, tok, prompts[i], domain.template, n, cfg.se_temperature,
-                                      seed=stable_seed(cfg.seed, phase, items[i]))
+            outs = [o for i in batch for o in sample_template(m, tok, prompts[i], domain.template, n,
+                                                               cfg.se_temperature, seed=seeds[i])]
         else:
-            mine[i] = generate_ids(m, tok, prompts[i:i + size], cfg.se_max_tokens, cfg.se_temperature,
-                                   cfg.se_top_p, n, seed=stable_seed(cfg.seed, phase, i))
+            outs = generate_ids(m, tok, [prompts[i] for i in batch], cfg.se_max_tokens, cfg.se_temperature,
+                                cfg.se_top_p, n, seed=[seeds[i] for i in batch])
+        mine.update({i: outs[j * n:(j + 1) * n] for j, i in enumerate(batch)})
     dt = time.time() - t0
     ntok = sum(len(o) for outs in mine.values() for o in outs)
     tag = f"[{phase}]" if world == 1 else f"[{phase} rank {rank}]"
     print(f"{tag} sampled {sum(map(len, mine.values()))} self-edits in {fmt_time(dt)} "
           f"({ntok / max(dt, 1e-9):.0f} tok/s)", flush=True)
-    batches = {}
+    outs = {}
     for part in (ranks.all_gather(mine) if ranks else [mine]):
-        batches.update(part)
-    outs = [o for i in sorted(batches) for o in batches[i]]
-    return [{"item": it, "k": k, "prompt_ids": prompts[j], "ids": outs[j * n + k],
-             "text": domain.answer_prefix + tok.decode(outs[j * n + k])}
+        outs.update(part)
+    return [{"item": it, "k": k, "prompt_ids": prompts[j], "ids": outs[j][k],
+             "text": domain.answer_prefix + tok.decode(outs[j][k])}
             for j, it in enumerate(items) for k in range(n)]
 
 

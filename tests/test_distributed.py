@@ -24,7 +24,7 @@ def args(tiny_chat_dir):
     return ["run", f"--model={tiny_chat_dir}", f"--eval_data={tiny_chat_dir / 'dist-ev.json'}",
             f"--rl_data={tiny_chat_dir / 'dist-rl.json'}", "--rounds=1", "--rl_samples=2", "--se_max_tokens=12",
             "--inner_epochs=1", "--eval_times=1", "--answer_tokens=4", "--sft_epochs=1", "--chat=true",
-            "--cpt_epochs=1", "--sft_batch=2", "--eval_batch=2"]  # small batches: both ranks sample some
+            "--cpt_epochs=1", "--sft_batch=2"]
 
 
 def command(args, out, nproc):
@@ -57,7 +57,7 @@ def test_two_gloo_processes_equal_one(args, single, tmp_path):
     res = subprocess.run(command(args, tmp_path, 2), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "evals-1.jsonl").exists()  # rank 1 did its share of the evaluations
-    assert "[self_edit rank 1] sampled 1 self-edits" in res.stdout  # and of the sampling (batch 2 of 3 items)
+    assert "[self_edit rank 1] sampled 1 self-edits" in res.stdout  # and of the sampling (item 2 of 3)
     assert "[rl1 rank 1] sampled 2 self-edits" in res.stdout
     assert records(tmp_path) == records(single)
     assert table(tmp_path) == table(single)

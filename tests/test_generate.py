@@ -57,10 +57,21 @@ def test_sampling_is_seeded_and_shares_the_prefill(m):
     assert len(set(map(tuple, a[:3]))) > 1  # three different samples of one prompt
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch(m):
+    tok = StubTok()
+    long, short = [1, 2, 3, 4, 5, 6, 7], [4, 5]
+    together = sampling.generate_ids(m, tok, [long, short], 12, temperature=1.0, n=3, seed=[11, 12])
+    alone = sampling.generate_ids(m, tok, [short], 12, temperature=1.0, n=3, seed=[12])
+    assert together[3:] == alone  # short was left-padded beside long, and had other neighbours
+    assert together[:3] != together[3:]
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        sampling.generate_ids(m, tok, [short], 4, temperature=1.0, seed=[1, 2])
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {sampling.sample_next(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    draws = {sampling.sample_next(logits, 1.0, 0.7, torch.rand(1, generator=g)).item() for _ in range(300)}
     assert draws == {0, 1}
 
 
@@ -69,9 +80,10 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.1, 0.5, 0.0, 0.25, 0.15])
     logits = torch.log(probs)[None].expand(4000, 5)  # 4000 rows: 4000 independent draws in one call
     g = torch.Generator().manual_seed(0)
-    freq = torch.bincount(sampling.sample_next(logits, 1.0, 1.0, g), minlength=5) / 4000
+    u = lambda: torch.rand(4000, generator=g)
+    freq = torch.bincount(sampling.sample_next(logits, 1.0, 1.0, u()), minlength=5) / 4000
     assert (freq - probs).abs().max() < 0.03 and freq[2] == 0
-    nucleus = torch.bincount(sampling.sample_next(logits, 1.0, 0.7, g), minlength=5) / 4000  # keeps 0.5 and 0.25
+    nucleus = torch.bincount(sampling.sample_next(logits, 1.0, 0.7, u()), minlength=5) / 4000  # keeps 0.5, 0.25
     assert (nucleus - torch.tensor([0, 2 / 3, 0, 1 / 3, 0])).abs().max() < 0.03
 
 

@@ -201,3 +201,19 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
     out = seal.compare([tmp_path / "s0", tmp_path / "s1"])
     assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
     assert "seed 1" in capsys.readouterr().out
+
+
+class FreeFake(Fake):
+    template = None  # free text: sampled with sampling.generate_ids
+
+
+def test_free_sampling_does_not_depend_on_the_batching(tiny_dir, tmp_path):
+    import dataclasses
+    cfg = config(tiny_dir, tmp_path, se_max_tokens=10)
+    learner = seal.Learner(cfg, str(tiny_dir))
+    dom = FreeFake(cfg, learner.tok)
+    runs = [seal.sample_self_edits(learner.policy(), learner.tok, dom, dom.rl_items, 3,
+                                   dataclasses.replace(cfg, eval_batch=b), "rl1") for b in (3, 32)]
+    texts = [[j["text"] for j in r] for r in runs]
+    assert texts[0] == texts[1]  # 3 batches of one item, or one batch of all three: the same self-edits
+    assert len(set(texts[0][:3])) > 1 and texts[0][:3] != texts[0][3:6]
