@@ -4,7 +4,8 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
   sampling    n self-edit samples of one ARC prompt: our generate (one prefill whose cache the n samples share)
               against transformers' generate with num_return_sequences (tokens/s; and the decoding steps alone,
               as GB/s of weights and cache read per step, against the card's bandwidth on a GPU)
-  answers     one batch of knowledge questions answered greedily (batched greedy decoding), the same figures
+  answers     one batch of knowledge questions answered greedily (batched greedy decoding), the same figures,
+              and how many rows decoded the same tokens on both sides (`same_rows`: a correctness check)
   inner_loop  our packed LoRA training (lora.train) against transformers + PEFT over right-padded batches, the
               official recipe (reference 1.5): LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW; clip 1.0; cosine
   arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
@@ -280,12 +281,22 @@ def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pa
                 out = ref.generate(input_ids=ids, attention_mask=mask,
                                    **{**kw, "max_new_tokens": tokens, "min_new_tokens": tokens})
                 made = (out.shape[1] - width) * out.shape[0]
+                out = out[:, width:].tolist()
         sync()
+        outs[who] = out
         return time.perf_counter() - t0, made
+
+    outs = {}  # the latest pass's tokens, by side
 
     for who in ("ours", "theirs"):  # warm-up passes: allocator, kernels, packed weights
         timed(who, new_tokens)
     (s_ours, t_ours), (s_theirs, t_theirs) = timed("ours", new_tokens), timed("theirs", new_tokens)
+    same = None
+    if temperature <= 0:  # greedy: the same tokens up to our first end token (theirs may not end before the count)
+        eos = ref.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        upto = lambda row: next((t for t, x in enumerate(row) if x in eos), len(row))
+        same = sum(a[:upto(a)] == b[:upto(a)] for a, b in zip(outs["ours"], outs["theirs"]))
     (p_ours, _), (p_theirs, _) = timed("ours", 1), timed("theirs", 1)
     steps = max(new_tokens - 1, 1)
     step_ours, step_theirs = max(s_ours - p_ours, 1e-9) / steps, max(s_theirs - p_theirs, 1e-9) / steps
@@ -296,13 +307,15 @@ def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pa
               "prefill_seconds_ours": p_ours, "prefill_seconds_theirs": p_theirs,
               "step_ms_ours": 1e3 * step_ours, "step_ms_theirs": 1e3 * step_theirs,
               "bytes_per_step": need, "decode_gb_s_ours": need / step_ours / 1e9,
-              "decode_gb_s_theirs": need / step_theirs / 1e9}
+              "decode_gb_s_theirs": need / step_theirs / 1e9, "same_rows": same}
     _, peak_gbs = card_peaks(device)
     if peak_gbs:
         result["bandwidth_share_ours"] = result["decode_gb_s_ours"] / peak_gbs
         result["bandwidth_share_theirs"] = result["decode_gb_s_theirs"] / peak_gbs
+    agree = "" if same is None else f"; {same}/{len(outs['ours'])} greedy rows the same on both sides"
     print(f"== {name}: {len(prompts)} prompt(s) x {n}, {new_tokens} new tokens each: ours {result['ours_tok_s']:.1f} "
-          f"tok/s, transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x", flush=True)
+          f"tok/s, transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x{agree}",
+          flush=True)
     share = f" ({100 * result['bandwidth_share_ours']:.0f}% of the card's bandwidth)" if peak_gbs else ""
     print(f"   prefill ours {p_ours:.2f}s, theirs {p_theirs:.2f}s; a decoding step ours {1e3 * step_ours:.1f} ms, "
           f"theirs {1e3 * step_theirs:.1f} ms; reading {need / 1e6:.0f} MB a step: ours "

@@ -33,6 +33,8 @@ def test_bench_on_random_weights_of_a_shape(monkeypatch, tmp_path):
                             "--answer_tokens=3", f"--out={tmp_path / 'b.json'}"])
     res = bench.main(cfg)
     assert res["model"] == "random:tiny" and "arc_eval" not in res
+    assert res["answers"]["same_rows"] == 40  # greedy: both stacks decode the same tokens for every question
+    assert res["sampling"]["same_rows"] is None  # sampled: no comparison
     for key in ("sampling", "answers"):
         r = res[key]
         assert r["prefill_seconds_ours"] > 0 and r["step_ms_ours"] > 0 and r["decode_gb_s_ours"] > 0
