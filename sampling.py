@@ -57,6 +57,9 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     B, L = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("empty prompt: give at least one token (e.g. BOS)")
+    seeds = [seed + j for j in range(B)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} prompts")
     x = torch.full((B, L), tok.pad_id, dtype=torch.long)
     valid = torch.zeros(B, L, dtype=torch.bool)
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits at column L-1
@@ -68,9 +71,6 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     h = m.hidden(x, input_pos=pos, cache=prompt_cache, valid=valid)[:, -1]
     logits = m.lm_head(h).float().repeat_interleave(n, 0)  # one prefill; the n samples share its cache
     cache = model_lib.DecodeCache(prompt_cache, n, max_new_tokens - 1, pos[:, -1:].repeat_interleave(n, 0) + 1)
-    seeds = [seed + j for j in range(B)] if isinstance(seed, int) else list(seed)
-    if len(seeds) != B:
-        raise ValueError(f"{len(seeds)} seeds for {B} prompts")
     uniforms = None
     if temperature > 0:  # every row's uniforms for every step, drawn ahead on the host: one transfer
         uniforms = torch.cat([torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(s))
