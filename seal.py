@@ -45,7 +45,7 @@ class RunConfig:
     device: str = "auto"            # cuda if available, else cpu
     dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (lora.py keeps adapters and optimizer state fp32)
     compile: bool = False           # torch.compile the decoding step and the training forward (for a GPU; on a
-                                    # CPU the compile time outweighs the gain on short runs)
+                                    # CPU the compiled decoding step ran 2x slower than eager: README "Speed")
     rows: str = ""                  # which rows of the results table to produce, by key; "" for all
     teacher: str = ""               # a model whose self-edits fill the `teacher` row (the paper's GPT-4.1 row)
     # ReST-EM outer loop (paper section 3.1)
