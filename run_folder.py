@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# Processes. Self-edit samples and evaluations are independent, so torchrun can shard them: batch b of prompts
-# and job j of a phase go to ranks b % world and j % world. Rank 0 writes the samples, runs the M-step and writes
-# the table; the others wait at a barrier and read what it wrote. Without torchrun's RANK / WORLD_SIZE this is rank 0 of 1 and there is no process group.
+# Processes. Self-edit samples and evaluations are independent, so torchrun can shard them: item i of a sampling
+# phase and job j of an evaluation phase go to ranks i % world and j % world. Rank 0 writes the samples, runs the
+# M-step and writes the table; the others wait at a barrier and read what it wrote. Without torchrun's RANK /
+# WORLD_SIZE this is rank 0 of 1 and there is no process group.
 
 
 class Ranks:

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import lora
 import sampling
@@ -15,13 +16,14 @@ from test_generate import StubTok
 def test_compiled_decoding_gives_the_eager_tokens(cfg):
     eager = random_model(cfg, seed=3, std=0.1)
     compiled = copy.deepcopy(eager).compile_hot_paths()
+    counters.clear()
     prompts = [[5, 17, 3, 60], [2, 9, 11, 40, 8, 1, 30]]
     for temperature in (0.0, 1.0):  # 70 tokens: two span buckets, so two compiled shapes
         want = sampling.generate_ids(eager, StubTok(), prompts, 70, temperature, n=2, seed=5)
         got = sampling.generate_ids(compiled, StubTok(), prompts, 70, temperature, n=2, seed=5)
         assert got == want
         assert max(map(len, want)) > 64  # decoding really went past the first bucket
-    assert compiled.decode_step is not eager.decode_step  # really a compiled function, not the method
+    assert counters["stats"]["unique_graphs"] >= 2  # dynamo really compiled the step (one graph per span bucket)
 
 
 def test_compiled_training_gives_the_eager_losses_and_adapter():
