@@ -177,12 +177,12 @@ def keep_rewarded(records):
     return [r for r in records if r["reward"] == 1]
 
 
-def best_per_item(records):
-    """The best self-edit of each item by reward, even one below the no-adaptation score (the official
-    knowledge run's top-1 of 5, seal-reference 2). Ties go to the first sampled."""
+def best_per_item(records, score=lambda r: r["reward"]):
+    """The best self-edit of each item by score (the reward by default), even one below the no-adaptation score
+    (the official knowledge run's top-1 of 5, seal-reference 2). Ties go to the first sampled."""
     best = {}
     for r in records:
-        if r["item"] not in best or r["reward"] > best[r["item"]]["reward"]:
+        if r["item"] not in best or score(r) > score(best[r["item"]]):
             best[r["item"]] = r
     return list(best.values())
 
@@ -352,10 +352,14 @@ def run(cfg: RunConfig, domain_cls):
           + (f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""), flush=True)
     phases = {}  # row key -> evaluation records
 
-    def sampled(phase, items, n, m=None, tok=None):
-        m, tok = (m, tok) if m is not None else (learner.policy(), learner.tok)
-        jobs = run_dir.samples(phase, lambda: sample_self_edits(m, tok, domain, items, n, cfg, phase,
-                                                                run_dir.ranks))
+    def sampled(phase, items, n, teacher=False):
+        def make():
+            # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on
+            # each rank, and only when the samples are not in the run folder yet (make() is not called then).
+            m, tok = (model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype) if teacher
+                      else (learner.policy(), learner.tok))
+            return sample_self_edits(m, tok, domain, items, n, cfg, phase, run_dir.ranks)
+        jobs = run_dir.samples(phase, make)
         recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)
         valid = sum(r.get("valid", True) for r in recs)
         if ranks.main:
@@ -372,12 +376,7 @@ def run(cfg: RunConfig, domain_cls):
         elif row.edit == BASE:
             phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
         elif row.edit == TEACHER:
-            if ranks.main and not run_dir.dir.joinpath(f"samples-{row.key}.json").exists():
-                t_m, t_tok = model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
-            else:
-                t_m = t_tok = None  # sampled already (or by rank 0): the teacher need not be loaded
-            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples, t_m, t_tok)
-            del t_m
+            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples, teacher=True)
         elif row.edit == POOLED:
             src = next((r.key for r in rows if r.edit == BASE), None)
             if src is None:

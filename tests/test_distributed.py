@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+import model
+from conftest import LLAMA, ROOT, random_model
 from domains import knowledge as kn
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in one process and in two
@@ -61,6 +62,28 @@ def test_two_gloo_processes_equal_one(args, single, tmp_path):
     assert "[rl1 rank 1] sampled 2 self-edits" in res.stdout
     assert records(tmp_path) == records(single)
     assert table(tmp_path) == table(single)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_chat_dir, smollm2_dir, tmp_path_factory):
+    """A teacher unlike the student: other random weights, drawn larger (so its samples differ visibly)."""
+    d = tmp_path_factory.mktemp("teacher")
+    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, seed=1, std=0.2), d,
+               tokenizer_dir=smollm2_dir)
+    return d
+
+
+def test_the_teacher_row_samples_the_teacher_on_every_rank(args, teacher_dir, tmp_path):
+    """Rank 1 samples its share of the teacher's self-edits from the teacher too (it once used the student)."""
+    teacher = [*args, "--rows=teacher", f"--teacher={teacher_dir}"]
+    one = subprocess.run(command(teacher, tmp_path / "one", 1), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(command(teacher, tmp_path / "two", 2), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "[teacher rank 1] sampled 1 self-edits" in two.stdout
+    samples = [json.loads((tmp_path / d / "samples-teacher.json").read_text()) for d in ("one", "two")]
+    assert len(samples[0]) == 3 and samples[1] == samples[0]
+    assert records(tmp_path / "two") == records(tmp_path / "one")
 
 
 def children(pid):
