@@ -82,7 +82,7 @@ case "$cmd" in
       # inner loop; the fictional passages unless --eval_data/--rl_data point at the SQuAD selections (README)
       preset=(--model=Qwen/Qwen2.5-7B --out=runs/knowledge-paper)
     else  # SmolLM2-135M on 2 CPU cores (README: "Knowledge incorporation on a CPU")
-      preset=(--model=smollm2-135m --chat=true --out=runs/knowledge-tiny --n_eval=8 --n_rl=3 --rl_samples=3
+      preset=(--model=smollm2-135m --chat=true --out=runs/knowledge-tiny --max_eval=8 --max_rl=3 --rl_samples=3
               --se_max_tokens=128 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
               --inner_lr=3e-3 --inner_epochs=15 --inner_batch=16 --eval_times=1 --answer_tokens=24
               --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)

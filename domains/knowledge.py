@@ -43,6 +43,9 @@ class KnowledgeConfig(seal.RunConfig):
     n_eval: int = 0                 # evaluation passages: the first n of eval_data (0: all; the paper: 200)
     n_rl: int = 0                   # RL passages per round, round r takes the r-th batch of rl_data (0: the file
                                     # split evenly over the rounds; the paper: 50)
+    max_eval: int = 0               # a cap, not a count (the CPU preset's): at most n evaluation passages, all of
+                                    # a smaller file (0: no cap; an explicit --n_eval wins)
+    max_rl: int = 0                 # a cap on the RL passages per round, likewise
     rounds: int = 2
     rl_samples: int = 5             # self-edits per RL passage; the best one is kept
     eval_samples: int = 1
@@ -252,9 +255,9 @@ class Knowledge(seal.Domain):
         if cfg.cpt_mode not in ("lora", "full"):
             raise SystemExit(f"--cpt_mode={cfg.cpt_mode!r}: expected lora or full")
         self_edit_prompt({"title": "", "context": ""}, cfg.prompt)  # a bad --prompt stops here
-        ev = load_passages(cfg.eval_data, cfg.n_eval or None, "eval_data")
+        ev = load_passages(cfg.eval_data, cfg.n_eval or None, "eval_data")[:cfg.n_eval or cfg.max_eval or None]
         rl = load_passages(cfg.rl_data, cfg.n_rl * cfg.rounds or None, "rl_data")
-        self.n_rl = cfg.n_rl or len(rl) // max(1, cfg.rounds)
+        self.n_rl = cfg.n_rl or min(len(rl) // max(1, cfg.rounds), cfg.max_rl or len(rl))
         self.passages = {f"e{i:03d}": p for i, p in enumerate(ev)} | {f"r{i:03d}": p for i, p in enumerate(rl)}
         self.eval_items = [f"e{i:03d}" for i in range(len(ev))]
         self.rl_items = [f"r{i:03d}" for i in range(self.n_rl * cfg.rounds)]

@@ -214,6 +214,21 @@ def test_settings_are_checked(tiny):
             kn.Knowledge(config(tiny, "unused", **bad), tok)
 
 
+def test_the_cpu_presets_counts_are_caps(tiny):
+    """train.sh's CPU preset caps the passages: a smaller file of the user's runs on all its passages, the shipped
+    data is cut to the preset's counts, and a count the user gives is a count (more than the file is an error)."""
+    preset = next(p for p in re.findall(r"preset=\(([^)]*)\)", (ROOT / "train.sh").read_text()) if "knowledge-tiny" in p)
+    tok = model.load(str(tiny))[1]
+    dom = lambda *args: kn.Knowledge(seal.parse_overrides(kn.KnowledgeConfig(), [*preset.split(), *args]), tok)
+    small = dom(f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}")  # 2 passages each, 2 rounds
+    assert small.eval_items == ["e000", "e001"] and small.rl_items_for_round(2) == ["r001"]
+    shipped = dom()
+    assert len(shipped.eval_items) == 8 and shipped.rl_items_for_round(2) == ["r003", "r004", "r005"]
+    assert len(dom("--n_eval=12").eval_items) == 12
+    with pytest.raises(SystemExit, match=re.escape("has 2 passages, 3 asked for")):
+        dom(f"--eval_data={tiny / 'ev.json'}", "--n_eval=3")
+
+
 def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
     with pytest.raises(SystemExit, match="needs --teacher"):
         seal.run(config(tiny, tmp_path / "a", rows="teacher"), kn.Knowledge)
