@@ -30,6 +30,7 @@ import torch
 
 import lora
 import model as model_lib
+from settings import device_and_dtype, parse_overrides
 from tokenizer import Tokenizer
 
 TARGETS = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,7 +86,6 @@ class Bench:
 
 
 def parse_args(argv) -> Bench:
-    from seal import parse_overrides  # the project's one --key=value parser (typed, unknown keys refused)
     return parse_overrides(Bench(), argv)
 
 
@@ -368,10 +368,9 @@ def measure(cfg: Bench, name, device, dtype, only) -> dict:
 
 
 def main(cfg: Bench):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device, dtype = device_and_dtype(cfg)
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     only = cfg.only.split(",")
     unknown = set(only) - {"sampling", "answers", "inner_loop", "arc_eval"}
     if unknown:

@@ -5,6 +5,7 @@ processes torchrun starts. Domain-free: seal.py's loop writes through it.
 import datetime
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ class Ranks:
 #   samples-<phase>.json sampled self-edits of a phase, written once, atomically, before any is evaluated
 #   evals.jsonl          one line per finished (phase, item, k) evaluation, appended and fsynced (rank r > 0 of
 #                        torchrun writes evals-<r>.jsonl; all are read, so a resume works under any world size)
-#   policy-round<r>/     the policy after ReST-EM round r (hub-style folder, loadable by transformers)
+#   policy-round<r>/     the policy after ReST-EM round r (hub-style folder, loadable by transformers), its
+#                        m_step.json, and DONE ("ok", or "unchanged" when the round kept nothing) once finished
 #   results.json         the table: reward per row, beside the paper's numbers
 
 
@@ -120,3 +122,38 @@ class RunFolder:
                 write_atomic(path, json.dumps(made))
         self.ranks.barrier()
         return json.loads(path.read_text())
+
+    def sync(self):
+        """After every rank's share of a phase: wait for all, then read what they wrote."""
+        if self.ranks.world > 1:
+            self.ranks.barrier()
+            self.reload()
+
+    def once(self, phase, make):
+        """A phase of one job (item "all") that rank 0 alone runs, once (read back on a resume); the others wait."""
+        if self.ranks.main and (phase, "all", 0) not in self.done:
+            t0 = time.time()
+            self.log({"phase": phase, "item": "all", "k": 0, **make(), "seconds": round(time.time() - t0, 2)})
+        self.sync()
+        return self.done[(phase, "all", 0)]
+
+    def finished_round(self, r):
+        """The folder of the policy after ReST-EM round r once the round is finished ("" when it kept nothing:
+        the policy did not change); None before."""
+        done = self.dir / f"policy-round{r}" / "DONE"
+        if not done.exists():
+            return None
+        return str(done.parent) if done.read_text().strip() == "ok" else ""
+
+    def finish_round(self, r, m_step):
+        """Round r's M-step on rank 0: m_step(folder) fine-tunes the policy, saves it there and returns its record
+        (m_step.json); None leaves the policy unchanged. Then the round is marked finished and the other ranks,
+        which waited, load the new policy from the folder returned to them ("" on rank 0, which holds it)."""
+        folder = self.dir / f"policy-round{r}"
+        if self.ranks.main:
+            folder.mkdir(exist_ok=True)
+            if m_step is not None:
+                write_atomic(folder / "m_step.json", json.dumps(m_step(folder)))
+            (folder / "DONE").write_text("ok\n" if m_step is not None else "unchanged\n")
+        self.ranks.barrier()
+        return str(folder) if m_step is not None and not self.ranks.main else ""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import model as model_lib
+from settings import device_and_dtype, parse_overrides
 
 # -----------------------------------------------------------------------------
 # Generation: left-padded batches, one prefill shared by n samples (model.DecodeCache)
@@ -166,17 +167,16 @@ def generate(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=
 
 @dataclass
 class GenerateConfig:
-    model: str = model_lib.OFFLINE_DEFAULT
+    model: str = model_lib.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
     prompt: str = "The capital of France is"
     max_new_tokens: int = 32
-    temperature: float = 0.0
-    chat: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
+    temperature: float = 0.0        # 0: greedy
+    chat: bool = False              # wrap the prompt in the model's chat template (instruct models)
+    device: str = "auto"            # cuda if available, else cpu
+    dtype: str = "auto"             # bf16 on cuda, fp32 on cpu
 
 
 def cli_generate(argv):
-    from seal import device_and_dtype, parse_overrides  # the project's one parser and device choice
     opts = parse_overrides(GenerateConfig(), argv)
     device, dtype = device_and_dtype(opts)
     m, tok = model_lib.load(opts.model, device=device, dtype=dtype)

@@ -17,7 +17,6 @@ domains/knowledge.py) subclasses Domain and calls run().
 """
 import dataclasses
 import json
-import os
 import sys
 import time
 import zlib
@@ -28,20 +27,21 @@ import torch
 
 import lora
 import model as model_lib
+from settings import device_and_dtype
 from run_folder import Ranks, RunFolder, write_atomic  # noqa: F401 (part of seal's interface)
 from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
-# Settings: dataclass defaults (a domain's subclass holds its paper values), --key=value overrides. Presets
-# live in train.sh.
+# Settings: dataclass defaults (a domain's subclass holds its paper values), --key=value overrides parsed by
+# settings.py (so are --help's lines: the fields' comments). Presets live in train.sh.
 
 
 @dataclass
 class RunConfig:
     """Settings every domain has. A domain subclasses it, adds its own fields and sets the paper's defaults."""
-    model: str = model_lib.OFFLINE_DEFAULT
-    out: str = "runs/seal"
-    seed: int = 0
+    model: str = model_lib.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
+    out: str = "runs/seal"          # the run folder; the same command resumes a killed run from it
+    seed: int = 0                   # every sampling, inner loop and M-step is seeded from it and names
     device: str = "auto"            # cuda if available, else cpu
     dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (lora.py keeps adapters and optimizer state fp32)
     compile: bool = False           # torch.compile the decoding step and the training forward (for a GPU; on a
@@ -49,24 +49,24 @@ class RunConfig:
     rows: str = ""                  # which rows of the results table to produce, by key; "" for all
     teacher: str = ""               # a model whose self-edits fill the `teacher` row (the paper's GPT-4.1 row)
     # ReST-EM outer loop (paper section 3.1)
-    rounds: int = 1
+    rounds: int = 1                 # ReST-EM rounds: sample, reward, keep, fine-tune
     rl_samples: int = 5             # self-edits per RL item per round
     eval_samples: int = 1           # self-edits per evaluation item
-    se_temperature: float = 1.0
-    se_top_p: float = 1.0
-    se_max_tokens: int = 128
+    se_temperature: float = 1.0     # sampling temperature of self-edits
+    se_top_p: float = 1.0           # nucleus sampling of self-edits (1: off)
+    se_max_tokens: int = 128        # the longest self-edit, in tokens
     # the inner loop's adapter: injected once, reset before every self-edit
-    inner_rank: int = 32
-    inner_alpha: float = 64.0
-    inner_targets: str = "q_proj,v_proj"
+    inner_rank: int = 32            # the inner loop's LoRA rank
+    inner_alpha: float = 64.0       # the inner loop's LoRA alpha (scale alpha / rank)
+    inner_targets: str = "q_proj,v_proj"  # the projections the inner loop's LoRA wraps
     # the M-step: a fresh LoRA on the kept (prompt, self-edit) pairs, merged into the weights
-    sft_rank: int = 16
-    sft_alpha: float = 16.0
-    sft_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    sft_lr: float = 5e-5
-    sft_epochs: int = 1
-    sft_batch: int = 1
-    max_len: int = 8192
+    sft_rank: int = 16              # the M-step's LoRA rank
+    sft_alpha: float = 16.0         # the M-step's LoRA alpha
+    sft_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # the M-step's LoRA targets
+    sft_lr: float = 5e-5            # the M-step's peak learning rate (cosine decay)
+    sft_epochs: int = 1             # the M-step's epochs over the kept self-edits
+    sft_batch: int = 1              # the M-step's sequences per optimizer step
+    max_len: int = 8192             # the longest training sequence in tokens (longer ones are left out)
     eval_batch: int = 32            # prompts per batch when decoding
 
     @property
@@ -76,60 +76,30 @@ class RunConfig:
         return {"config": type(self).__name__, **kept}
 
 
-def parse_overrides(cfg, argv):
-    """--key=value over the dataclass defaults, typed by the default's type; unknown keys are an error."""
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
-        key, val = arg[2:].split("=", 1)
-        if key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise SystemExit(f"unknown setting --{key} (known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
-        typ = type(getattr(cfg, key))
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key} expects true or false, got {val!r}")
-            val = val.lower() in ("true", "1")
-        else:
-            try:
-                val = typ(val)
-            except ValueError:
-                raise SystemExit(f"--{key} expects {typ.__name__}, got {val!r}") from None
-        setattr(cfg, key, val)
-    return cfg
-
-
-def device_and_dtype(cfg):
-    """The one place the device and dtype are chosen: bf16 weights on a GPU (this process's GPU under torchrun),
-    fp32 on a CPU."""
-    device = cfg.device
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
-              "bf16": torch.bfloat16}
-    if cfg.dtype not in dtypes:
-        raise SystemExit(f"--dtype={cfg.dtype!r}: expected auto, fp32 or bf16")
-    return device, dtypes[cfg.dtype]
-
-
 # -----------------------------------------------------------------------------
 # The domain contract. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain; the loop below
 # knows no domain by name.
 
-BASE, RL, TEACHER, POOLED = "<base policy>", "<policy after ReST-EM>", "<teacher>", "<pooled>"
+# Where a row's self-edits come from (Row.source)
+NONE = "none"           # no self-edit: the model as it is, no adaptation
+FIXED = "fixed"         # Row.text for every item (e.g. "" trains on the item's own data alone)
+CONTROL = "control"     # a text the domain writes for each item (Domain.control_text), e.g. an oracle's
+BASE = "base"           # sampled from the base policy
+TEACHER = "teacher"     # sampled from --teacher (the paper's GPT-4.1 row)
+POOLED = "pooled"       # the BASE row's self-edits of all evaluation items trained into one adapter, then every
+                        # item evaluated (continued pretraining)
+RL = "rl"               # sampled from the policy after ReST-EM round Row.after_round (0: the last, cfg.rounds)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a results table. edit says where each evaluation item's self-edit comes from:
-    None: no adaptation; a string: that fixed self-edit for every item; BASE / RL / TEACHER: sampled from the
-    base policy, the policy after the ReST-EM rounds, or --teacher; POOLED: the BASE row's self-edits of all
-    evaluation items trained into one adapter, then every item evaluated (continued pretraining).
-    after_round: for an RL row, the ReST-EM round after which it is sampled (0: the last, cfg.rounds)."""
+    """One row of a results table: every evaluation item's self-edit from `source`, through the inner loop."""
     key: str
     label: str
-    paper: str      # the paper's number for this row, as printed there
-    edit: object = None
-    after_round: int = 0
+    paper: str              # the paper's number for this row, as printed there
+    source: str = NONE
+    text: str = ""          # the self-edit of a FIXED row
+    after_round: int = 0    # an RL row's round (0: the last)
 
 
 class Domain:
@@ -155,6 +125,10 @@ class Domain:
 
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no pooled row")
+
+    def control_text(self, row_key, item) -> str:
+        """The self-edit of a CONTROL row for one item: a text the domain writes, not the policy."""
+        raise NotImplementedError(f"{type(self).__name__} has no control row {row_key!r}")
 
     def rl_items_for_round(self, r) -> list:
         """The RL items of ReST-EM round r (the official knowledge run draws a new batch each round)."""
@@ -245,7 +219,8 @@ class Learner:
     def m_step(self, records, phase, save_to):
         """ReST-EM M-step: supervised LoRA fine-tune on the kept (prompt, self-edit) pairs, loss on the self-edit
         tokens only, merged into the weights (official ARC: r16 alpha16 lr 5e-5, 8 epochs, batch 5, cosine).
-        The new policy is saved to `save_to` (a hub-style folder) before the inner-loop adapter goes back in."""
+        The new policy is saved to `save_to` (a hub-style folder) before the inner-loop adapter goes back in.
+        Returns what the run folder records of it (m_step.json)."""
         cfg = self.cfg
         self.adapter.remove()  # the inner-loop adapter is not part of the policy
         examples = [(r["prompt_ids"], r["ids"] + [self.tok.eos_id]) for r in records]
@@ -260,7 +235,8 @@ class Learner:
         first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
         print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
               f"{fmt_time(res.seconds)}", flush=True)
-        return res
+        return {"examples": len(examples), "items": [r["item"] for r in records], "steps": res.steps,
+                "losses": res.losses, "seconds": res.seconds}
 
 
 def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None):
@@ -318,9 +294,7 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg):
         why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
         print(f"{tag} {i + 1}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
               f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}", flush=True)
-    if ranks.world > 1:
-        ranks.barrier()
-        run.reload()
+    run.sync()
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
@@ -328,101 +302,94 @@ def pick_rows(domain, keys: str, cfg):
     """The rows asked for by key. By default all of them, less the teacher row when no --teacher is given and
     less an RL row of round >= --rounds (the final RL row is that policy already)."""
     known = [r.key for r in domain.rows]
-    redundant = lambda r: r.edit == TEACHER and not cfg.teacher or r.edit == RL and r.after_round >= cfg.rounds
+    redundant = lambda r: r.source == TEACHER and not cfg.teacher or r.source == RL and r.after_round >= cfg.rounds
     wanted = keys.split(",") if keys else [r.key for r in domain.rows if not redundant(r)]
     unknown = [k for k in wanted if k not in known]
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {unknown} (this domain has {', '.join(known)})")
-    return [r for r in domain.rows if r.key in wanted]
+    rows = [r for r in domain.rows if r.key in wanted]
+    sources = {r.source for r in rows}
+    if TEACHER in sources and not cfg.teacher:
+        raise SystemExit("the teacher row needs --teacher=MODEL (or leave it out of --rows)")
+    if POOLED in sources and BASE not in sources:
+        pooled = next(r.key for r in rows if r.source == POOLED)
+        raise SystemExit(f"the {pooled} row pools the base-policy row's self-edits: ask for that row too")
+    if RL in sources and cfg.rounds < 1:
+        raise SystemExit("a row after ReST-EM needs --rounds of at least 1")
+    return rows
 
 
 def run(cfg: RunConfig, domain_cls):
-    """The whole experiment for one domain: every requested row, the ReST-EM rounds, the table. Rows that use
-    the base model come first; the rounds change the weights, then the RL row is evaluated."""
+    """The whole experiment for one domain: the rows on the base model, the ReST-EM rounds, each row after
+    ReST-EM once its round is done, then the table. Every finished step is in the run folder, from which the
+    same command resumes."""
     torch.manual_seed(cfg.seed)
     ranks = Ranks()
     learner = Learner(cfg, cfg.model)
     domain = domain_cls(cfg, learner.tok)
     rows = pick_rows(domain, cfg.rows, cfg)
-    if any(r.edit == TEACHER for r in rows) and not cfg.teacher:
-        raise SystemExit("the teacher row needs --teacher=MODEL (or leave it out of --rows)")
     run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items}, ranks=ranks)
     print(f"run folder {run_dir.dir}; model {cfg.model} on {learner.device} ({learner.dtype}); "
           f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items"
           + (f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""), flush=True)
-    phases = {}  # row key -> evaluation records
+    table = {}  # row key -> its evaluation records
 
-    def sampled(phase, items, n, teacher=False):
-        def make():
+    def evaluate_row(row):
+        """Every evaluation item's self-edit(s), from where row.source says, through the inner loop."""
+        items, phase = domain.eval_items, row.key
+        if row.source == POOLED:  # one job, on rank 0: every item's base-policy self-edit in one adapter
+            texts = [r["text"] for r in table[next(b.key for b in rows if b.source == BASE)] if r["k"] == 0]
+            return [run_dir.once(phase, lambda: learner.evaluate_pooled(domain, items, texts,
+                                                                        stable_seed(cfg.seed, phase)))]
+        if row.source in (NONE, FIXED, CONTROL):
+            text = lambda it: (None if row.source == NONE else row.text if row.source == FIXED
+                               else domain.control_text(row.key, it))
+            return evaluate_phase(run_dir, learner, domain, phase, [{"item": it, "k": 0, "text": text(it)}
+                                                                    for it in items], cfg)
+
+        def make():  # BASE and RL: the policy as it is now; TEACHER: --teacher
             # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on
             # each rank, and only when the samples are not in the run folder yet (make() is not called then).
-            m, tok = (model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype) if teacher
-                      else (learner.policy(), learner.tok))
-            return sample_self_edits(m, tok, domain, items, n, cfg, phase, run_dir.ranks)
-        jobs = run_dir.samples(phase, make)
-        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)
-        valid = sum(r.get("valid", True) for r in recs)
+            m, tok = (model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
+                      if row.source == TEACHER else (learner.policy(), learner.tok))
+            return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, ranks)
+        recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg)
         if ranks.main:
-            print(f"[{phase}] valid self-edits {valid}/{len(recs)}, mean reward "
+            print(f"[{phase}] valid self-edits {sum(r.get('valid', True) for r in recs)}/{len(recs)}, mean reward "
                   f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
         return recs
 
-    last_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
-    rounds_done = 0
-    for row in sorted(rows, key=lambda r: (r.edit == RL, last_round(r) if r.edit == RL else 0)):
-        if row.edit is None or isinstance(row.edit, str) and row.edit not in (BASE, RL, TEACHER, POOLED):
-            jobs = [{"item": it, "k": 0, "text": row.edit} for it in domain.eval_items]
-            phases[row.key] = evaluate_phase(run_dir, learner, domain, row.key, jobs, cfg)
-        elif row.edit == BASE:
-            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
-        elif row.edit == TEACHER:
-            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples, teacher=True)
-        elif row.edit == POOLED:
-            src = next((r.key for r in rows if r.edit == BASE), None)
-            if src is None:
-                raise SystemExit(f"the {row.key} row pools the base-policy row's self-edits: ask for that row too")
-            texts = [r["text"] for r in phases[src] if r["k"] == 0]
-            if ranks.main and (row.key, "all", 0) not in run_dir.done:  # one job: rank 0's
-                t0 = time.time()
-                res = learner.evaluate_pooled(domain, domain.eval_items, texts, stable_seed(cfg.seed, row.key))
-                run_dir.log({"phase": row.key, "item": "all", "k": 0, **res, "seconds": round(time.time() - t0, 2)})
-            ranks.barrier()
-            run_dir.reload()
-            phases[row.key] = [run_dir.done[(row.key, "all", 0)]]
-        elif row.edit == RL:
-            for r in range(rounds_done + 1, last_round(row) + 1):
-                rest_em_round(run_dir, learner, domain, cfg, r)
-            rounds_done = max(rounds_done, last_round(row))
-            phases[row.key] = sampled(row.key, domain.eval_items, cfg.eval_samples)
-    return report(run_dir, cfg, domain, rows, phases)
+    rl_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
+    for row in rows:  # the rows on the base model (the rounds change its weights)
+        if row.source != RL:
+            table[row.key] = evaluate_row(row)
+    for r in range(1, max((rl_round(row) for row in rows if row.source == RL), default=0) + 1):
+        rest_em_round(run_dir, learner, domain, cfg, r)
+        for row in rows:  # the rows after this round
+            if row.source == RL and rl_round(row) == r:
+                table[row.key] = evaluate_row(row)
+    return report(run_dir, cfg, domain, rows, table)
 
 
 def rest_em_round(run_dir, learner, domain, cfg, r):
-    """One ReST-EM round (paper section 3.1): sample on the RL items, reward, keep (E-step), fine-tune (M-step).
-    A finished round is read back: its policy folder is loaded, or nothing changes if it kept nothing."""
-    policy_dir = run_dir.dir / f"policy-round{r}"
-    if (policy_dir / "DONE").exists():
-        if (policy_dir / "DONE").read_text().strip() == "ok":  # else "unchanged": nothing was kept
-            learner.load(str(policy_dir))
-            print(f"[rl{r}] policy loaded from {policy_dir}", flush=True)
-        return
-    items = domain.rl_items_for_round(r)
-    jobs = run_dir.samples(f"rl{r}", lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
-                                                                 cfg.rl_samples, cfg, f"rl{r}", run_dir.ranks))
-    recs = evaluate_phase(run_dir, learner, domain, f"rl{r}", jobs, cfg)
-    kept = domain.select(recs)
-    if run_dir.ranks.main:  # the M-step runs on rank 0; the others load the policy it saved
-        print(f"[rl{r}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
-        policy_dir.mkdir(exist_ok=True)
-        if kept:
-            res = learner.m_step(kept, f"rl{r}", save_to=policy_dir)
-            write_atomic(policy_dir / "m_step.json", json.dumps(
-                {"examples": len(kept), "items": [k["item"] for k in kept], "steps": res.steps, "losses": res.losses,
-                 "seconds": res.seconds}))
-        (policy_dir / "DONE").write_text("ok\n" if kept else "unchanged\n")
-    run_dir.ranks.barrier()
-    if not run_dir.ranks.main and kept:
-        learner.load(str(policy_dir))
+    """One ReST-EM round (paper section 3.1): sample self-edits for the round's RL items from the policy, reward
+    each through the inner loop, keep the rewarded (E-step), fine-tune the policy on them (M-step). A round the
+    run folder holds as finished is not run again: its policy is loaded."""
+    phase = f"rl{r}"
+    policy = run_dir.finished_round(r)  # its policy's folder ("" when it kept nothing); None: not finished
+    if policy is None:
+        items = domain.rl_items_for_round(r)
+        jobs = run_dir.samples(phase, lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
+                                                                 cfg.rl_samples, cfg, phase, run_dir.ranks))
+        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)  # reward: the inner loop per self-edit
+        kept = domain.select(recs)  # E-step
+        if run_dir.ranks.main:
+            print(f"[{phase}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
+        # M-step on rank 0, saved as the round's policy; the other ranks wait for it and load it below
+        policy = run_dir.finish_round(r, (lambda folder: learner.m_step(kept, phase, folder)) if kept else None)
+    if policy:  # a resumed round, or another rank's M-step: the new policy is read from its folder
+        learner.load(policy)
+        print(f"[{phase}] policy loaded from {policy}", flush=True)
 
 
 def round_summaries(run_dir, domain, rounds):
@@ -439,17 +406,17 @@ def round_summaries(run_dir, domain, rounds):
     return out
 
 
-def report(run_dir, cfg, domain, rows, phases):
+def report(run_dir, cfg, domain, rows, records):
     table = []
     for row in rows:
-        recs = phases[row.key]
+        recs = records[row.key]
         total = sum(r.get("weight", 1) for r in recs)  # a pooled record stands for all its items' questions
         score = sum(r["reward"] * r.get("weight", 1) for r in recs)
         table.append({"row": row.key, "method": row.label, "score": score, "total": total,
                       "rate": score / max(1, total), "paper": row.paper,
                       "valid": sum(r.get("valid", True) for r in recs), "choices": domain.choices(recs),
                       "metrics": domain.metrics(recs)})
-    rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.edit == RL for r in rows) else []
+    rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.source == RL for r in rows) else []
     result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
               "config": cfg.fingerprint, "rows": table, "rounds": rounds}
     if not run_dir.ranks.main:

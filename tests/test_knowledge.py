@@ -9,6 +9,7 @@ import torch
 
 import model
 import seal
+import settings
 from conftest import ROOT
 from domains import knowledge as kn
 
@@ -222,7 +223,7 @@ def test_the_cpu_presets_counts_are_caps(tiny):
     data is cut to the preset's counts, and a count the user gives is a count (more than the file is an error)."""
     preset = next(p for p in re.findall(r"preset=\(([^)]*)\)", (ROOT / "train.sh").read_text()) if "knowledge-tiny" in p)
     tok = model.load(str(tiny))[1]
-    dom = lambda *args: kn.Knowledge(seal.parse_overrides(kn.KnowledgeConfig(), [*preset.split(), *args]), tok)
+    dom = lambda *args: kn.Knowledge(settings.parse_overrides(kn.KnowledgeConfig(), [*preset.split(), *args]), tok)
     small = dom(f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}")  # 2 passages each, 2 rounds
     assert small.eval_items == ["e000", "e001"] and small.rl_items_for_round(2) == ["r001"]
     shipped = dom()

@@ -9,6 +9,7 @@ import torch
 import lora
 import model
 import sampling
+import settings
 import seal
 
 
@@ -26,7 +27,8 @@ class Fake(seal.Domain):
     """Self-edit = " pick yes" or " pick no" (schema mode); reward 1 for yes. Each evaluation really trains the
     adapter it is handed on the self-edit's tokens, so the loop's adapter handling is exercised."""
     template = [(" pick ", ["yes", "no"]), (".", None)]
-    rows = (seal.Row("none", "no adaptation", "-", None), seal.Row("fixed", "fixed yes", "1", " pick yes."),
+    rows = (seal.Row("none", "no adaptation", "-", seal.NONE),
+            seal.Row("fixed", "fixed yes", "1", seal.FIXED, text=" pick yes."),
             seal.Row("base", "base policy", "?", seal.BASE), seal.Row("rl", "after ReST-EM", "?", seal.RL))
     calls = []
     crash_after = 0           # raise at this evaluation (0: never), to test resume
@@ -130,6 +132,24 @@ def test_after_an_evaluation_the_policy_is_the_plain_model(tiny_dir):
     assert torch.equal(learner.policy()(x), before)
 
 
+class ControlFake(Fake):
+    """A CONTROL row: the domain writes each item's self-edit (yes for e1, no for e2)."""
+    rows = (*Fake.rows, seal.Row("control", "the domain's own text", "-", seal.CONTROL))
+
+    def control_text(self, row_key, item):
+        return {"e1": " pick yes.", "e2": " pick no."}[item] if row_key == "control" else None
+
+
+def test_a_control_row_evaluates_the_domains_text_for_each_item(tiny_dir, tmp_path):
+    res = seal.run(config(tiny_dir, tmp_path, rows="control"), ControlFake)
+    recs = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert {r["item"]: r["text"] for r in recs} == {"e1": " pick yes.", "e2": " pick no."}
+    assert all(r["phase"] == "control" and r["steps"] == 1 and r["untouched"] for r in recs)
+    assert [(r["row"], r["score"], r["total"]) for r in res["rows"]] == [("control", 1, 2)]
+    with pytest.raises(NotImplementedError, match="no control row"):
+        seal.run(config(tiny_dir, tmp_path / "b", rows="control"), type("NoControl", (Fake,), {"rows": ControlFake.rows}))
+
+
 def test_rows_are_checked_and_a_run_folder_knows_its_domain(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown row\(s\) \['oracle'\]"):
         seal.run(config(tiny_dir, tmp_path / "a", rows="base,oracle"), Fake)
@@ -159,14 +179,14 @@ def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = seal.parse_overrides(FakeConfig(), ["--rounds=2", "--sft_lr=1e-4", "--word=no"])
+    cfg = settings.parse_overrides(FakeConfig(), ["--rounds=2", "--sft_lr=1e-4", "--word=no"])
     assert (cfg.rounds, cfg.sft_lr, cfg.word) == (2, 1e-4, "no")
     with pytest.raises(SystemExit, match="unknown setting --roundz"):
-        seal.parse_overrides(FakeConfig(), ["--roundz=2"])
+        settings.parse_overrides(FakeConfig(), ["--roundz=2"])
     with pytest.raises(SystemExit, match="expects int"):
-        seal.parse_overrides(FakeConfig(), ["--rounds=two"])
+        settings.parse_overrides(FakeConfig(), ["--rounds=two"])
     with pytest.raises(SystemExit, match="unknown setting --word"):  # a domain's key is not shared
-        seal.parse_overrides(seal.RunConfig(), ["--word=no"])
+        settings.parse_overrides(seal.RunConfig(), ["--word=no"])
 
 
 def test_template_sampling_follows_the_models_probabilities(tiny_dir):

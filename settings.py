@@ -1,0 +1,114 @@
+"""
+Settings and the device, below every module with a command line (seal.py, sampling.py, bench.py, domains/).
+A command's settings are one dataclass: its defaults are the values, a field's trailing comment is its
+documentation (what --help prints). `--key=value` overrides a default, typed by the default's type; presets of
+such overrides live in train.sh.
+"""
+import ast
+import dataclasses
+import inspect
+import io
+import os
+import textwrap
+import tokenize
+
+import torch
+
+
+def parse_overrides(cfg, argv):
+    """--key=value over the dataclass defaults, typed by the default's type; unknown keys are an error. --help (or
+    -h) prints every setting with its value (the default, or what the other arguments set) and comment, and exits."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r} (--help lists the settings)")
+        key, val = arg[2:].split("=", 1)
+        if key not in names:
+            raise SystemExit(f"unknown setting --{key} (known: {', '.join(names)})")
+        typ = type(getattr(cfg, key))
+        if typ is bool:
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{key} expects true or false, got {val!r}")
+            val = val.lower() in ("true", "1")
+        else:
+            try:
+                val = typ(val)
+            except ValueError:
+                raise SystemExit(f"--{key} expects {typ.__name__}, got {val!r}") from None
+        setattr(cfg, key, val)
+    if "--help" in argv or "-h" in argv:
+        print(settings_help(cfg))
+        raise SystemExit(0)
+    return cfg
+
+
+def dispatch(argv, commands: dict, doc: str):
+    """`python -m MODULE COMMAND [--key=value ...]`: commands[COMMAND](the rest). Without a command (or with
+    --help in its place) the module's docstring, which lists its commands; `COMMAND --help` lists its settings."""
+    if argv[:1] in (["--help"], ["-h"]):
+        print(doc.strip())
+        raise SystemExit(0)
+    if not argv or argv[0] not in commands:
+        raise SystemExit(doc)
+    commands[argv[0]](argv[1:])
+
+
+def field_comments(cls) -> dict:
+    """{field name: its trailing comment, continuation lines joined} read from the source of cls and of its
+    dataclass bases (a subclass's comment wins; a field it redefines without one keeps its base's)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent("".join(inspect.getsourcelines(klass)[0]))
+        except (OSError, TypeError):  # defined where there is no source (an interactive session)
+            continue
+        lines = src.splitlines()
+        comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                    for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+        alone = lambda n: n in comments and lines[n - 1].lstrip().startswith("#")  # a comment-only line
+        for node in ast.parse(src).body[0].body:
+            line = node.end_lineno
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)) or line not in comments:
+                continue
+            col, parts = comments[line][0], [comments[line][1]]
+            while alone(line + 1) and comments[line + 1][0] == col:  # aligned below it: it goes on
+                line += 1
+                parts.append(comments[line][1])
+            out[node.target.id] = " ".join(parts)
+    return out
+
+
+def settings_help(cfg) -> str:
+    """Every setting of cfg as --key=value with its comment (and its default, where cfg holds another value)."""
+    comments = field_comments(type(cfg))
+    out = [f"settings ({type(cfg).__name__}), --key=value each:"]
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default
+        head = f"  --{f.name}={str(value).lower() if isinstance(value, bool) else value}"
+        note = comments.get(f.name, "")
+        if default is not dataclasses.MISSING and value != default:
+            note = f"(default {default}) {note}".rstrip()
+        if len(head) >= 33 and note:  # a long value: the comment goes below it
+            out.append(head)
+            head = ""
+        out.append(textwrap.fill(note, 118, initial_indent=head.ljust(34), subsequent_indent=" " * 34,
+                                 break_on_hyphens=False) if note else head)
+    return "\n".join(out)
+
+
+def device_and_dtype(cfg):
+    """The one place the device and dtype are chosen (cfg.device: auto | cpu | cuda[:i]; cfg.dtype: auto | fp32 |
+    bf16): bf16 weights on a GPU (this process's GPU under torchrun), fp32 on a CPU."""
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
+              "bf16": torch.bfloat16}
+    dtype = getattr(cfg, "dtype", "auto")
+    if dtype not in dtypes:
+        raise SystemExit(f"--dtype={dtype!r}: expected auto, fp32 or bf16")
+    return device, dtypes[dtype]
