@@ -137,6 +137,14 @@ class KVCache:
         new.len = self.len
         return new
 
+    def attend(self, layer, q, k, v, mask):
+        """q: (B, H, T, hd), k/v: (B, KV, T, hd) of the new tokens, written at self.len (hidden() moves it on after
+        the last layer); they attend over everything written so far, as mask (B, 1, T, len+T) allows."""
+        end = self.len + k.shape[2]
+        self.k[layer, :, :, self.len:end], self.v[layer, :, :, self.len:end] = k, v
+        return F.scaled_dot_product_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
 
 class DecodeCache:
     """Decoding n continuations of each of B prompts in lockstep, one token per step (cascade attention, as in
@@ -252,16 +260,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(cache, DecodeCache):  # one decoding step of n samples per prompt: mask is cache.keep(...)
-            y = cache.attend(self.layer_idx, q, k, v, mask)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
-        if cache is not None:
-            end = cache.len + T
-            cache.k[self.layer_idx, :, :, cache.len:end] = k
-            cache.v[self.layer_idx, :, :, cache.len:end] = v
-            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
         gqa = c.n_kv_heads != c.n_heads  # each kv head serves n_heads // n_kv_heads queries, without copies
-        if doc_lens is not None:  # a packed row: one causal attention per document, no (T, T) mask to pay for
+        if cache is not None:  # generation: a KVCache (prefill, fill-in sampling) or a DecodeCache (decoding step)
+            y = cache.attend(self.layer_idx, q, k, v, mask)
+        elif doc_lens is not None:  # a packed row: one causal attention per document, no (T, T) mask to pay for
             y = torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
                            for qd, kd, vd in zip(q.split(doc_lens, 2), k.split(doc_lens, 2), v.split(doc_lens, 2))], 2)
         else:
@@ -312,22 +314,27 @@ class Transformer(nn.Module):
         # a plain attribute, not a buffer: m.to(bfloat16) must not round the rotary frequencies
         self.inv_freq = rope_inv_freq(cfg)
 
-    def hidden(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None, doc_lens=None):
+    def rotary(self, pos, dtype):
+        """cos, sin (B, 1, T, head_dim) for rotary positions pos (B, T), computed in fp32."""
+        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden(self, idx, input_pos=None, cache=None, valid=None, doc_lens=None):
         """Final-normed hidden states (B, T, dim).
 
         input_pos: (B, T) rotary positions. Default: 0..T-1 (after cache.len with a cache), or restarting at
-                   0 at every document when doc_ids is given.
-        doc_ids:   (B, T) ints. Packing: a token attends only to earlier tokens of its own document, so a row
-                   of several examples computes exactly what each example computes alone (no pad tokens).
+                   0 at every document when doc_lens is given.
         cache:     a KVCache; the new keys/values are written at cache.len and cache.len advances by T.
         valid:     (B, T) bool, False at left-padding tokens: no other token attends to them.
-        doc_lens:  the same packing as doc_ids for a single row (B == 1), given as document lengths: attention
-                   then runs per document, which is much cheaper than masking the whole row (lora.py uses it).
+        doc_lens:  packing (training, lora.py): one row (B == 1) of several documents of these lengths. A token
+                   attends only to earlier tokens of its own document, so the row computes exactly what each
+                   document computes alone, with no pad tokens; attention runs per document, with no (T, T) mask.
         """
         B, T = idx.shape
         dev = idx.device
-        if cache is not None and (doc_ids is not None or doc_lens is not None):
-            raise ValueError("packing (doc_ids/doc_lens) is for training; it cannot be combined with a KV cache")
+        if cache is not None and doc_lens is not None:
+            raise ValueError("packing (doc_lens) is for training; it cannot be combined with a KV cache")
         if doc_lens is not None:
             if B != 1 or sum(doc_lens) != T:
                 raise ValueError(f"doc_lens must cover one row exactly: sum {sum(doc_lens)} for shape {(B, T)}")
@@ -336,16 +343,8 @@ class Transformer(nn.Module):
         start = cache.len if cache is not None else 0
         ar = torch.arange(T, device=dev)
         if input_pos is None:
-            if doc_ids is not None:  # position = index within its own document
-                new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-                new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-                doc_start = torch.where(new_doc, ar, torch.zeros_like(ar)).cummax(dim=1).values
-                input_pos = ar - doc_start
-            else:
-                input_pos = (start + ar).expand(B, T)
-        mask = None
-        if doc_ids is not None:
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (ar[:, None] >= ar[None, :])
+            input_pos = (start + ar).expand(B, T)
+        mask = None  # causal attention, unless a cache or left padding asks for a mask
         if cache is not None:
             cache.valid[:, start:start + T] = True if valid is None else valid
         if cache is not None or valid is not None:
@@ -354,24 +353,19 @@ class Transformer(nn.Module):
             k_idx = torch.arange(keys.shape[1], device=dev)
             causal = k_idx[None, :] <= q_idx[:, None]
             # attending to itself keeps a pad token's row finite (an all-masked row would be NaN)
-            m = (causal & keys[:, None, :]) | (k_idx[None, :] == q_idx[:, None])
-            mask = m if mask is None else mask & m
-        if mask is not None:
-            mask = mask[:, None]  # broadcast over heads
-        if self.inv_freq.device != dev:
+            mask = ((causal & keys[:, None, :]) | (k_idx[None, :] == q_idx[:, None]))[:, None]  # over heads
+        if self.inv_freq.device != dev:  # moved once (a plain attribute: m.to(device) leaves it behind)
             self.inv_freq = self.inv_freq.to(dev)
-        freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         x = self.model.embed_tokens(idx)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rotary(input_pos, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, doc_lens)
         if cache is not None:
             cache.len += T
         return self.model.norm(x)
 
-    def forward(self, idx, input_pos=None, doc_ids=None, cache=None, valid=None, doc_lens=None):
-        return self.lm_head(self.hidden(idx, input_pos, doc_ids, cache, valid, doc_lens)).float()
+    def forward(self, idx, input_pos=None, cache=None, valid=None, doc_lens=None):
+        return self.lm_head(self.hidden(idx, input_pos, cache, valid, doc_lens)).float()
 
     def decode(self, idx, cache: DecodeCache):
         """One decoding step: idx (B*n, 1) holds each sample's newest token. Writes its keys and values, moves the
@@ -383,9 +377,7 @@ class Transformer(nn.Module):
 
     def decode_step(self, idx, cache: DecodeCache, span: int):
         x = self.model.embed_tokens(idx)
-        freqs = cache.pos[..., None].float() * self.inv_freq.to(idx.device)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rotary(cache.pos, x.dtype)
         keep = cache.keep(span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, keep, cache)
@@ -410,9 +402,6 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 # -----------------------------------------------------------------------------
