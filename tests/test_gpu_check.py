@@ -1,0 +1,86 @@
+"""gpu_check.py, the one prepared GPU command, run on the CPU at a tiny random shape: every stage runs, and the JSON
+holds what the GPU run will be read for. Behaviour only: no figure is asserted beyond its sanity."""
+import json
+
+import pytest
+
+import gpu_check
+
+
+def tiny_args(out, seal_model, *more):
+    split = out.parent / "split.json"  # one RL and one evaluation task: random weights answer to the token limit
+    split.write_text(json.dumps({"rl": ["6150a2bd"], "eval": ["5582e5ca"]}))
+    return [f"--out={out}", "--shape=tiny", f"--seal_model={seal_model}", "--compile=false", "--threads=1",
+            "--examples=2", "--samples=2", "--sample_tokens=4", "--answer_tokens=3", "--prompt_min=20",
+            "--prompt_max=80", "--completion_max=12", "--agree_steps=2", "--agree_tokens=4",
+            "--knowledge_args=--max_eval=1 --max_rl=1 --rl_samples=1 --rounds=1 --eval_times=1 --inner_epochs=1 "
+            "--se_max_tokens=8 --answer_tokens=4 --sft_epochs=1 --cpt_epochs=1 --rows=seal",
+            f"--arc_args=--split={split} --rl_samples=1 --se_max_tokens=8 --max_examples=2 "
+            "--oracle=basic:output:1e-3:1 --sft_epochs=1 --rows=seal", *more]
+
+
+def test_every_stage_on_a_tiny_shape(tiny_chat_dir, tmp_path):
+    out = tmp_path / "check"
+    rep = gpu_check.main(gpu_check.parse_args(tiny_args(out, tiny_chat_dir)))
+    saved = json.loads((out / "gpu-check.json").read_text())
+    assert saved["summary"] == rep["summary"] and saved["device"] == "cpu"
+    st = saved["stages"]
+    assert list(st) == list(gpu_check.STAGES)
+    assert st["bench_compiled"] == {"status": "skipped", "reason": "--compile=false"}
+    for name in ("bench", "arc_eval", "agreement", "knowledge", "arc_tiny"):
+        assert st[name]["status"] == "done", (name, st[name])
+        assert 0 < st[name]["seconds"] <= st[name]["limit_s"]
+
+    bench = st["bench"]["result"]
+    assert bench["model"] == "random:tiny" and bench["dtype"] == "torch.float32"
+    il = bench["inner_loop"]
+    assert il["steps"] == 1 and il["flop_s_ours"] > 0 and il["matmul_peak"]["peak_flop_s"] > 0
+    assert il["first_loss_ours"] == pytest.approx(il["first_loss_theirs"], abs=1e-3)
+    assert bench["answers"]["same_rows"] == 40 and bench["sampling"]["samples_per_prompt"] == 2
+
+    arc = st["arc_eval"]["result"]
+    assert list(arc) == ["eager", "shape", "weights"] and arc["shape"] == "tiny"
+    e = arc["eager"]
+    assert e["steps"] > 0 and e["train_tokens"] > 0
+    assert e["seconds"] >= e["train_seconds"] + e["answer_seconds"] - 0.05
+
+    ag = st["agreement"]["result"]
+    assert ag["real_weights"] and ag["model"] == str(tiny_chat_dir)
+    assert len(ag["losses_fp32"]) == len(ag["losses_bf16"]) == 2 and ag["rows"] == 40
+    assert all(r < 0.05 for r in ag["loss_rel_diff"])  # bf16 rounding of a tiny model: well under 5%
+    assert 0 <= ag["first_token_share"] <= 1 and isinstance(ag["within_tolerance"], bool)
+
+    for name in ("knowledge", "arc_tiny"):
+        res = st[name]["result"]
+        assert res["evaluations_done"] > 0 and res["rows"], (name, res)
+        assert all(0 <= row["rate"] <= 1 for row in res["rows"])
+    assert "--model=" + str(tiny_chat_dir) in st["knowledge"]["command"] and "--max_rl=1" in st["knowledge"]["command"]
+
+    s = saved["summary"]
+    assert set(s) == {"eager", "arc_eval_seconds", "bf16_within_tolerance"}  # no goals on a CPU, no compiled run
+    assert s["eager"]["inner_loop_tok_s"] == il["ours_tok_s"] and s["eager"]["inner_loop_mfu"] is None
+    assert (out / "gpu-check.log").read_text().count("==== ") == 5  # one header per stage that ran
+
+
+def test_budget_skips_and_resume_keeps_finished_stages(tmp_path):
+    out = tmp_path / "check"
+    no_model = tmp_path / "absent"
+    args = tiny_args(out, no_model, "--stages=agreement,knowledge")
+    rep = gpu_check.main(gpu_check.parse_args(args + ["--budget=5"]))  # below a stage's minimum start
+    assert rep["stages"]["agreement"]["status"] == "skipped" and "budget" in rep["stages"]["agreement"]["reason"]
+    assert rep["stages"]["knowledge"] == {"status": "skipped",
+                                          "reason": f"--seal_model={no_model} is not a folder"}
+    rep = gpu_check.main(gpu_check.parse_args(args))  # a rerun: agreement now runs (random weights: no model)
+    assert rep["stages"]["agreement"]["status"] == "done"
+    assert not rep["stages"]["agreement"]["result"]["real_weights"]
+    seconds = rep["stages"]["agreement"]["seconds"]
+    rep = gpu_check.main(gpu_check.parse_args(args))  # and a third run keeps it
+    assert rep["stages"]["agreement"]["seconds"] == seconds
+    with pytest.raises(SystemExit, match="unknown stage"):
+        gpu_check.main(gpu_check.parse_args([f"--out={out}", "--stages=bench,nope"]))
+
+
+def test_presets_come_from_train_sh():
+    kn, arc = gpu_check.cpu_preset("knowledge"), gpu_check.cpu_preset("arc")
+    assert "--model=smollm2-135m" in kn and "--inner_epochs=15" in kn and "--chat=true" in kn
+    assert "--split=tiny" in arc and "--max_examples=24" in arc and not any("Llama" in a for a in arc)
