@@ -216,6 +216,8 @@ class RMSNorm(nn.Module):
 
 
 PACK_ON_CPU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if PACK_ON_CPU and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                    else ())  # bf16 where the CPU has the instructions (AVX-512 BF16, AMX)
 
 
 class Linear(nn.Linear):
@@ -224,14 +226,15 @@ class Linear(nn.Linear):
     weight. For so few rows MKL's sgemm reads the transposed weight at about half the memory bandwidth; prepacked,
     a SmolLM2 layer runs 1.7x and the vocab projection 2.8x faster on one core. The copy is a cache, remade when
     the weight is replaced or written in place (its version counter moves, e.g. when an adapter is merged), and it
-    costs a second copy of the weights in memory. Training, GPUs and compiled graphs take the plain path."""
+    costs a second copy of the weights in memory. bf16 weights too (1.5-2x faster than bf16's plain path for 2-8
+    rows here: docs/gpu.md, "bf16 on a CPU"). Training, GPUs and compiled graphs take the plain path."""
     PACK_ROWS = (2, 256)  # one row is as fast unpacked; from a few hundred rows on, both run at the same speed
     _packed = _packed_key = None
 
     def forward(self, x):
         w = self.weight
         rows = x.numel() // x.shape[-1]
-        if (not PACK_ON_CPU or x.device.type != "cpu" or w.dtype != torch.float32 or torch.is_grad_enabled()
+        if (not PACK_ON_CPU or x.device.type != "cpu" or w.dtype not in PACKED_DTYPES or torch.is_grad_enabled()
                 or not self.PACK_ROWS[0] <= rows <= self.PACK_ROWS[1] or torch.compiler.is_compiling()):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)
@@ -264,8 +267,12 @@ class Attention(nn.Module):
         if cache is not None:  # generation: a KVCache (prefill, fill-in sampling) or a DecodeCache (decoding step)
             y = cache.attend(self.layer_idx, q, k, v, mask)
         elif doc_lens is not None:  # a packed row: one causal attention per document, no (T, T) mask to pay for
+            # bf16 on a CPU attends in fp32: PyTorch's CPU attention backward in bf16 ran 4x slower than in fp32 on
+            # short documents (docs/gpu.md, "bf16 on a CPU")
+            up = q.device.type == "cpu" and q.dtype == torch.bfloat16
+            qs, ks, vs = ((t.float() if up else t).split(doc_lens, 2) for t in (q, k, v))
             y = torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
-                           for qd, kd, vd in zip(q.split(doc_lens, 2), k.split(doc_lens, 2), v.split(doc_lens, 2))], 2)
+                           for qd, kd, vd in zip(qs, ks, vs)], 2).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
