@@ -55,6 +55,13 @@ class KnowledgeConfig(seal.RunConfig):
     se_max_tokens: int = 8192
     prompt: str = "implications"    # implications | implications-long | rewrite | self-qa
     chat: bool = False              # the chat format (instruct models); the paper's base model takes plain text
+    frame: str = "plain"            # how a self-edit line is trained: plain ("{title}\n{line}", official) | qa (a
+                                    # line that is a question and its answer is trained as the question the
+                                    # evaluation asks, answered; other lines stay plain): docs/knowledge.md
+    reward: str = "accuracy"        # what selects self-edits: accuracy (greedy answers, --grader) | loglik (the
+                                    # gold answers' mean log-likelihood per token after the inner loop, closed book)
+                                    # | sampled (--grader's accuracy over --answer_samples answers sampled at T=1)
+    answer_samples: int = 0         # answers sampled per question after each inner loop (0: none; sampled needs some)
     # inner loop (TTT_server): LoRA r32 alpha64 on q, v; lr 1e-3, 10 epochs, batch 1, linear decay
     inner_lr: float = 1e-3
     inner_epochs: int = 10
@@ -171,6 +178,31 @@ def training_texts(passage, text, variant):
     return [f"{passage['title']}\n{line}" for line in lines] + [f"{passage['title']}\n{passage['context']}"]
 
 
+def passage_sentences(passage):
+    """The passage's own sentences, one per line: a control self-edit that restates and invents nothing."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", passage["context"].strip())
+    return "\n".join(s.strip() for s in parts if s.strip())
+
+
+def gold_qa(passage):
+    """The passage's own questions with their gold answers, one pair per line: a control that has seen the test,
+    so an upper bound on what any self-edit text can teach, never a method."""
+    return "\n".join(f"Question {i}: {q['question']} Answer: {q['answer']}"
+                     for i, q in enumerate(passage["questions"], 1))
+
+
+CONTROLS = {"sentences": passage_sentences, "gold_qa": gold_qa}
+QA_LINE = re.compile(r"^(?:Q(?:uestion)?\s*\d*\s*[:.)]\s*)?(?P<q>[^\n]*?\?)\s*A(?:nswer)?\s*\d*\s*[:.)]\s*(?P<a>.*\S)",
+                     re.S)
+
+
+def qa_pair(line):
+    """(question, answer) when a self-edit line is a question followed by its answer ("Question 2: Who built it?
+    Answer: Lionel."), else None."""
+    m = QA_LINE.match(line.strip())
+    return (m["q"].strip(), m["a"].strip()) if m else None
+
+
 def question_prompt(passage, q):
     """The question without the passage; short answers are what the graders can check."""
     return f"Answer with a few words only.\nTopic: {passage['title']}\nQuestion: {q['question']}", "Answer:"
@@ -241,6 +273,8 @@ class Knowledge(seal.Domain):
     """Items are passages: "e003" is the 4th evaluation passage, "r051" the 52nd RL passage."""
     rows = (seal.Row("base", "Base model (no adaptation)", "32.7", seal.NONE),
             seal.Row("passage", "Train on passage", "33.5", seal.FIXED, text=""),
+            seal.Row("sentences", "Control: passage + its own sentences", "-", seal.CONTROL),
+            seal.Row("gold_qa", "Control: passage + gold Q/A (sees the test)", "-", seal.CONTROL),
             seal.Row("self_edit", "Passage + self-edits (base policy)", "39.7", seal.BASE),
             seal.Row("cpt", "CPT: all passages' self-edits, one adapter", "41.0 (v2 50.6)", seal.POOLED),
             seal.Row("teacher", "Passage + teacher's self-edits", "46.3 (GPT-4.1)", seal.TEACHER),
@@ -256,6 +290,12 @@ class Knowledge(seal.Domain):
         if cfg.cpt_mode not in ("lora", "full"):
             raise SystemExit(f"--cpt_mode={cfg.cpt_mode!r}: expected lora or full")
         self_edit_prompt({"title": "", "context": ""}, cfg.prompt)  # a bad --prompt stops here
+        if cfg.frame not in ("plain", "qa"):
+            raise SystemExit(f"--frame={cfg.frame!r}: expected plain or qa")
+        if cfg.reward not in ("accuracy", "loglik", "sampled"):
+            raise SystemExit(f"--reward={cfg.reward!r}: expected accuracy, loglik or sampled")
+        if cfg.reward == "sampled" and cfg.answer_samples < 1:
+            raise SystemExit("--reward=sampled needs --answer_samples >= 1")
         ev = load_passages(cfg.eval_data, cfg.n_eval or None, "eval_data")[:cfg.n_eval or cfg.max_eval or None]
         rl = load_passages(cfg.rl_data, cfg.n_rl * cfg.rounds or None, "rl_data")
         self.n_rl = cfg.n_rl or min(len(rl) // max(1, cfg.rounds), cfg.max_rl or len(rl))
@@ -269,7 +309,14 @@ class Knowledge(seal.Domain):
         self.judge = Judge(cfg.judge, *settings.device_and_dtype(cfg)) if cfg.judge else None
 
     def select(self, records):
-        return seal.best_per_item(records)  # the official top-1 of k per passage, by mean accuracy
+        """The official top-1 of k per passage, by mean accuracy, or by the gold answers' log-likelihood
+        (--reward=loglik); the table reports accuracy either way."""
+        key = self.cfg.reward if self.cfg.reward != "accuracy" else "reward"
+        return seal.best_per_item(records, lambda r: r[key])
+
+    def control_text(self, key, item):
+        """The ceiling rows' self-edits (controls, like ARC's oracle): CONTROLS[key] of the passage."""
+        return CONTROLS[key](self.passages[item])
 
     def rl_items_for_round(self, r):
         n = self.n_rl
@@ -284,9 +331,41 @@ class Knowledge(seal.Domain):
         return tok.encode(self._text(tok, *self_edit_prompt(self.passages[item], self.cfg.prompt), self.answer_prefix))
 
     def sequences(self, passage, text):
-        """Training examples: (empty prompt, title + text + end of text) per line, loss on every token."""
-        return [([], self.tok.encode(t) + [self.tok.eos_id])
-                for t in training_texts(passage, text, self.cfg.prompt)]
+        """Training examples, (empty prompt, text + end of text) with the loss on every token: each self-edit line
+        after the title (official) or, with --frame=qa, a question-and-answer line as the very question the
+        evaluation asks, answered; then the passage itself."""
+        texts = training_texts(passage, text, self.cfg.prompt)
+        if self.cfg.frame == "qa":
+            lines = self_edit_lines(text, self.cfg.prompt) if text else []
+            pairs = [qa_pair(line) for line in lines]
+            texts = [self._text(self.tok, *question_prompt(passage, {"question": qa[0]})) + qa[1] if qa else t
+                     for qa, t in zip(pairs, texts)] + texts[len(lines):]
+        return [([], self.tok.encode(t) + [self.tok.eos_id]) for t in texts]
+
+    @torch.no_grad()
+    def answer_loglik(self, m, passage):
+        """The gold answers' mean log-likelihood per token, each right after its question as the evaluation asks
+        it (teacher-forced, closed book): a graded reward where accuracy moves in steps of 1/questions."""
+        examples = [(self.tok.encode(self._text(self.tok, *question_prompt(passage, q))), self.tok.encode(q["answer"]))
+                    for q in passage["questions"]]
+        device = next(m.parameters()).device
+        p = lora.pack(examples, "completion", device)
+        logp = torch.log_softmax(m.packed_logits(p.idx, p.doc_lens, p.pos).float(), -1)
+        tok_lp = logp.gather(1, p.targets[:, None])[:, 0]
+        doc = p.doc_ids[0, p.pos]
+        per_q = torch.zeros(len(examples), device=device).index_add_(0, doc, tok_lp) / torch.bincount(
+            doc, minlength=len(examples))
+        return per_q.mean().item()
+
+    def sampled_accuracy(self, m, passage, seed):
+        """--grader's accuracy over --answer_samples answers per question sampled at temperature 1: the expected
+        accuracy of the adapted model, in the form it answers in, graded finer than one greedy answer."""
+        n, grade = self.cfg.answer_samples, GRADERS.get(self.cfg.grader, lenient)
+        prompts = [self.tok.encode(self._text(self.tok, *question_prompt(passage, q))) for q in passage["questions"]]
+        texts = sampling.generate(m, self.tok, prompts, max_new_tokens=self.cfg.answer_tokens, temperature=1.0, n=n,
+                                  stop=("\n",), seed=seed, batch_size=max(1, self.cfg.eval_batch // n))
+        golds = [q["answer"] for q in passage["questions"] for _ in range(n)]
+        return sum(grade(t.strip(), g) for t, g in zip(texts, golds)) / len(golds)
 
     def answers(self, m, passages):
         """Greedy answers to every question of the given passages, the passages absent, in one batch each."""
@@ -336,12 +415,19 @@ class Knowledge(seal.Domain):
             preds, where = self.answers(m, [p])
             graded = self.grade(preds, where)
             run["answers"] = preds
+            run["loglik"] = self.answer_loglik(m, p)
+            if self.cfg.answer_samples:
+                run["sampled"] = self.sampled_accuracy(m, p, seed + t)
             for name, s in graded.items():
                 scores.setdefault(name, []).append(sum(s) / len(s))
             runs.append(run)
         out["runs"] = runs
         out["accuracy"] = {name: sum(v) / len(v) for name, v in scores.items()}
-        out["reward"] = out["accuracy"][self.cfg.grader]
+        out["reward"] = out["accuracy"][self.cfg.grader]  # what the table reports
+        mean = lambda xs, worst: sum(xs) / len(xs) if xs else worst  # a failed run has neither score
+        out["loglik"] = mean([r["loglik"] for r in runs if "loglik" in r], float("-inf"))
+        if self.cfg.answer_samples:
+            out["sampled"] = mean([r["sampled"] for r in runs if "sampled" in r], 0.0)
         if text is not None and not self_edit_lines(text, self.cfg.prompt):
             out["empty"] = True  # nothing but the passage was trained
         if any("failed" in r for r in runs):
@@ -382,6 +468,10 @@ class Knowledge(seal.Domain):
         weights = [r.get("weight", 1) for r in recs]
         out = {name: sum(r["accuracy"][name] * w for r, w in zip(recs, weights)) / sum(weights)
                for name in recs[0]["accuracy"]}
+        for name in ("loglik", "sampled"):
+            got = [r[name] for r in recs if name in r]
+            if got:
+                out[name] = sum(got) / len(got)
         with_text = [r for r in recs if r.get("text")]
         if with_text:
             out["self_edit_lines"] = sum(len(self_edit_lines(r["text"], self.cfg.prompt))
@@ -396,38 +486,141 @@ class Knowledge(seal.Domain):
 
 @dataclass
 class FilterConfig(KnowledgeConfig):
-    configs: str = "qv:32:1e-3:10"  # targets:rank:lr:epochs, targets qv (q_proj, v_proj) or all (7 projections)
-    n_filter: int = 4               # evaluation passages to try each config on
+    configs: str = "qv:32:1e-3:10"  # targets:rank:lr:epochs[:batch], targets qv (q_proj, v_proj) or all (7
+                                    # projections), batch the sequences per step (default --inner_batch)
+    texts: str = "passage"          # what each config trains, beside the passage: passage (nothing else), and
+                                    # the controls sentences, gold_qa (CONTROLS)
+    n_filter: int = 4               # passages to try each config on
+    filter_on: str = "rl"           # rl | eval: choose settings on RL passages, never on the evaluation ones
+    filter_seeds: int = 1           # inner-loop seeds per (config, text, passage)
+
+
+def parse_inner(spec, cfg):
+    """A config spec targets:rank:lr:epochs[:batch] as KnowledgeConfig overrides."""
+    try:
+        targets, rank, lr, epochs, *batch = spec.split(":")
+        return {"inner_targets": {"qv": "q_proj,v_proj", "all": ALL_PROJ}[targets], "inner_rank": int(rank),
+                "inner_alpha": 2.0 * int(rank), "inner_lr": float(lr), "inner_epochs": int(epochs),
+                "inner_batch": int(batch[0]) if batch else cfg.inner_batch, "eval_times": 1}
+    except (ValueError, KeyError, IndexError):
+        raise SystemExit(f"--configs: {spec!r} is not targets:rank:lr:epochs[:batch] (targets qv or all)") from None
 
 
 def filter_configs(argv):
-    """Accuracy after training on the passage alone, per inner-loop configuration, with the loss it reached."""
+    """Which inner loop (and --frame) lets a self-edit's text matter: per config, the accuracy and gold-answer
+    log-likelihood after training on the passage alone and on the passage beside each control text (the passage's
+    own sentences; its gold Q/A, an upper bound). Written to --out/filter.json."""
     cfg = settings.parse_overrides(FilterConfig(), argv)
+    if cfg.filter_on not in ("rl", "eval"):
+        raise SystemExit(f"--filter_on={cfg.filter_on!r}: expected rl or eval")
+    texts = cfg.texts.split(",")
+    unknown = [t for t in texts if t != "passage" and t not in CONTROLS]
+    if unknown:
+        raise SystemExit(f"--texts: unknown {unknown} (passage, {', '.join(CONTROLS)})")
     learner = seal.Learner(cfg, cfg.model)
     dom = Knowledge(cfg, learner.tok)
-    items = dom.eval_items[:cfg.n_filter]
-    base = [learner.evaluate(dom, it, None, 0)["accuracy"] for it in items]
-    mean = lambda accs: ", ".join(f"{k} {sum(a[k] for a in accs) / len(accs):.2f}" for k in accs[0])
-    print(f"{len(items)} passages; no adaptation: {mean(base)}", flush=True)
+    items = (dom.rl_items if cfg.filter_on == "rl" else dom.eval_items)[:cfg.n_filter]
+    text_of = lambda t, it: "" if t == "passage" else CONTROLS[t](dom.passages[it])
+    base = [learner.evaluate(dom, it, None, 0) for it in items]
+    show = lambda recs: (f"{cfg.grader} {sum(r['reward'] for r in recs) / len(recs):.3f}, "
+                         f"loglik {sum(r['loglik'] for r in recs) / len(recs):.2f}")
+    print(f"{len(items)} {cfg.filter_on} passages, frame {cfg.frame}; no adaptation: {show(base)}", flush=True)
+    out = {"items": items, "frame": cfg.frame, "grader": cfg.grader, "base": base, "configs": {}}
     for spec in cfg.configs.split(","):
-        try:
-            targets, rank, lr, epochs = spec.split(":")
-            targets = {"qv": "q_proj,v_proj", "all": ALL_PROJ}[targets]
-            rank, lr, epochs = int(rank), float(lr), int(epochs)
-        except (ValueError, KeyError):
-            raise SystemExit(f"--configs: {spec!r} is not targets:rank:lr:epochs (targets qv or all)") from None
-        c = FilterConfig(**{**vars(cfg), "inner_targets": targets, "inner_rank": rank, "inner_alpha": 2.0 * rank,
-                            "inner_lr": lr, "inner_epochs": epochs, "eval_times": 1})
+        c = FilterConfig(**{**vars(cfg), **parse_inner(spec, cfg)})
         learner.cfg, dom.cfg = c, c
         learner.adapter.remove()
         learner.inject()
-        t0 = time.time()
-        recs = [learner.evaluate(dom, it, "", seal.stable_seed(cfg.seed, "filter", it)) for it in items]
-        loss = sum(r["runs"][0]["loss_last"] for r in recs) / len(recs)
-        print(f"{spec}: {mean([r['accuracy'] for r in recs])}; final loss {loss:.3f}; "
-              f"{(time.time() - t0) / len(items):.0f}s per passage", flush=True)
-        for it, r in zip(items, recs):
-            print(f"   {it} {dom.passages[it]['title']}: {r['runs'][0]['answers']}", flush=True)
+        for t in texts:
+            t0 = time.time()
+            recs = [learner.evaluate(dom, it, text_of(t, it), seal.stable_seed(cfg.seed, "filter", it, s))
+                    for it in items for s in range(cfg.filter_seeds)]
+            loss = sum(r["runs"][0]["loss_last"] or 0 for r in recs) / len(recs)
+            print(f"{spec} {t:>9}: {show(recs)}; final loss {loss:.3f}; {(time.time() - t0) / len(recs):.0f}s "
+                  f"per run", flush=True)
+            out["configs"].setdefault(spec, {})[t] = recs
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        seal.write_atomic(Path(cfg.out) / "filter.json", json.dumps(out, indent=1))
+    return out
+
+
+@dataclass
+class ReliabilityConfig(KnowledgeConfig):
+    n_passages: int = 8             # RL passages (the first n of rl_data); k = --rl_samples self-edits each
+    retest_seeds: int = 2           # inner-loop runs of every self-edit, each its own seed
+
+
+def _pearson(x, y):
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = (x.square().sum() * y.square().sum()).sqrt()
+    return (x * y).sum().item() / den.item() if den > 0 else float("nan")
+
+
+def reliability_stats(v):
+    """v: (passages, k self-edits, seeds) rewards of one kind. What ReST-EM's best-of-k needs from a reward:
+    retest_r, the correlation of two seeds' rewards over the self-edits, and within_r, the same after removing
+    each passage's mean (best-of-k compares self-edits of one passage only); ties, the share of passages whose k
+    samples all score alike under the first seed; sample_sd, the spread between a passage's samples (their
+    seed-mean), against seed_sd, the spread between seeds of the same sample; agree, the share of passages whose
+    best sample is the same under the first two seeds."""
+    v = torch.as_tensor(v, dtype=torch.float64)
+    n, k, s = v.shape
+    a, b = v[..., 0], v[..., 1]
+    centred = lambda x: x - x.mean(1, keepdim=True)
+    return {"retest_r": _pearson(a.flatten(), b.flatten()),
+            "within_r": _pearson(centred(a).flatten(), centred(b).flatten()),
+            "ties": (a.max(1).values == a.min(1).values).double().mean().item(),
+            "sample_sd": v.mean(2).std(1).mean().item(),
+            "seed_sd": v.std(2).square().mean().sqrt().item(),
+            "agree": (a.argmax(1) == b.argmax(1)).double().mean().item()}
+
+
+def reliability(argv):
+    """Can the reward tell self-edits apart? Every one of k base-policy self-edits of n RL passages is evaluated
+    under --retest_seeds inner-loop seeds; per candidate reward, reliability_stats. If the spread between samples is
+    not clearly above the seed noise, best-of-k keeps noise and ReST-EM clones it (docs/knowledge.md). Resumable:
+    --out holds the samples and one line per evaluation."""
+    cfg = settings.parse_overrides(ReliabilityConfig(), argv)
+    if cfg.retest_seeds < 2:
+        raise SystemExit("--retest_seeds must be at least 2 (a retest needs two runs)")
+    cfg.eval_times = 1
+    cfg.answer_samples = cfg.answer_samples or 8  # the sampled-accuracy reward is one of the candidates
+    learner = seal.Learner(cfg, cfg.model)
+    dom = Knowledge(cfg, learner.tok)
+    items = dom.rl_items[:cfg.n_passages]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = seal.RunFolder(cfg, items={"reliability": items})
+    jobs = run.samples("reliability", lambda: seal.sample_self_edits(learner.policy(), learner.tok, dom, items,
+                                                                        cfg.rl_samples, cfg, "reliability"))
+    t0, todo = time.time(), [(j, s) for j in jobs for s in range(cfg.retest_seeds)
+                            if (f"seed{s}", j["item"], j["k"]) not in run.done]
+    for i, (j, s) in enumerate(todo):
+        res = learner.evaluate(dom, j["item"], j["text"], seal.stable_seed(cfg.seed, "reliability", j["item"], j["k"], s))
+        run.log({"phase": f"seed{s}", "item": j["item"], "k": j["k"], "text": j["text"], **res})
+        eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
+        print(f"{i + 1}/{len(todo)} {j['item']} #{j['k']} seed {s}: {cfg.grader} {res['reward']:.2f}, sampled "
+              f"{res['sampled']:.2f}, loglik {res['loglik']:.2f}, ETA {seal.fmt_time(eta)}", flush=True)
+    k, seeds = cfg.rl_samples, range(cfg.retest_seeds)
+    rec = lambda it, kk, s: run.done[(f"seed{s}", it, kk)]
+    rewards = {**{g: lambda r, g=g: r["accuracy"][g] for g in GRADERS}, "loglik": lambda r: r["loglik"],
+               "sampled": lambda r: r["sampled"]}
+    table = {name: reliability_stats([[[fn(rec(it, kk, s)) for s in seeds] for kk in range(k)] for it in items])
+             for name, fn in rewards.items()}
+    n = len(items) * k * len(seeds)
+    means = {name: sum(fn(rec(it, kk, s)) for it in items for kk in range(k) for s in seeds) / n
+             for name, fn in rewards.items()}
+    print(f"\n{len(items)} RL passages x {k} self-edits x {len(seeds)} seeds, prompt {cfg.prompt}, frame {cfg.frame}")
+    print(f"{'reward':<10}{'mean':>8}{'retest r':>10}{'within r':>10}{'ties':>7}{'sample sd':>11}{'seed sd':>9}"
+          f"{'agree':>7}")
+    for name, st in table.items():
+        print(f"{name:<10}{means[name]:>8.3f}{st['retest_r']:>10.2f}{st['within_r']:>10.2f}{st['ties']:>7.2f}"
+              f"{st['sample_sd']:>11.3f}{st['seed_sd']:>9.3f}{st['agree']:>7.2f}")
+    result = {"items": items, "k": k, "seeds": len(seeds), "prompt": cfg.prompt, "frame": cfg.frame,
+              "means": means, "stats": table}
+    seal.write_atomic(out / "reliability.json", json.dumps(result, indent=1))
+    return result
 
 
 def forget(argv):
@@ -490,7 +683,7 @@ def squad(argv):
 
 def main(argv):
     settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(KnowledgeConfig(), a), Knowledge),
-                             "filter": filter_configs, "forget": forget, "squad": squad}, __doc__)
+                             "filter": filter_configs, "reliability": reliability, "forget": forget, "squad": squad}, __doc__)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,10 @@ def config(tiny, out, **kw):
     return kn.KnowledgeConfig(**{**base, **kw})
 
 
+def recs_of(run_dir):
+    return [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+
+
 class Counting(kn.Knowledge):
     calls, crash_at = [], 0
 
@@ -164,10 +168,13 @@ def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     assert len((tmp_path / "a" / "evals.jsonl").read_text().splitlines()) == 4
     Counting.calls.clear()
     res = seal.run(config(tiny, tmp_path / "a"), Counting)
-    # base 2 + passage 2 + self_edit 2 + rl1 4 + seal 2 = 12 evaluations; 4 were done before the crash
-    assert len(Counting.calls) == 12 - 4 and len(set(map(str, Counting.calls))) == len(Counting.calls)
+    # base 2 + passage 2 + the two controls 4 + self_edit 2 + rl1 4 + seal 2 = 16 evaluations; 4 before the crash
+    assert len(Counting.calls) == 16 - 4 and len(set(map(str, Counting.calls))) == len(Counting.calls)
     table = {r["row"]: r for r in res["rows"]}
-    assert list(table) == ["base", "passage", "self_edit", "cpt", "seal"]  # no teacher without --teacher
+    assert list(table) == ["base", "passage", "sentences", "gold_qa", "self_edit", "cpt", "seal"]  # no teacher
+    controls = [r for r in recs_of(tmp_path / "a") if r["phase"] in ("sentences", "gold_qa")]
+    assert all(r["text"] == kn.CONTROLS[r["phase"]](json.loads((tiny / "ev.json").read_text())[int(r["item"][1:])])
+               for r in controls) and len(controls) == 4
     assert table["cpt"]["total"] == 2 and {"exact", "f1", "lenient"} <= set(table["base"]["metrics"])
     recs = [json.loads(x) for x in (tmp_path / "a" / "evals.jsonl").read_text().splitlines()]
     passage = [r for r in recs if r["phase"] == "passage"]
@@ -246,3 +253,104 @@ def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
     own = json.loads((tmp_path / "b" / "samples-self_edit.json").read_text())
     theirs = json.loads((tmp_path / "b" / "samples-teacher.json").read_text())
     assert len(theirs) == 2 and [s["text"] for s in theirs] != [s["text"] for s in own]
+
+
+# -----------------------------------------------------------------------------
+# SEAL's effect: the ceiling controls, the qa frame, the log-likelihood reward and the reliability command
+
+QA_P = {"title": "Gannet Clock Tower", "context": "It was built in 1908 by Lionel Vantreight. It stands on the pier! "
+        "Its bell weighs 2.5 tonnes.", "questions": [{"question": "When was the Gannet Clock Tower built?",
+                                                      "answer": "1908"},
+                                                     {"question": "Who built the Gannet Clock Tower?",
+                                                      "answer": "Lionel Vantreight"}]}
+
+
+def test_ceiling_controls_restate_the_passage_and_its_questions():
+    assert kn.passage_sentences(QA_P).splitlines() == [
+        "It was built in 1908 by Lionel Vantreight.", "It stands on the pier!", "Its bell weighs 2.5 tonnes."]
+    for variant in ("implications", "self-qa"):  # one line per pair, whatever the prompt's splitting rule
+        lines = kn.self_edit_lines(kn.gold_qa(QA_P), variant)
+        assert [kn.qa_pair(x) for x in lines] == [(q["question"], q["answer"]) for q in QA_P["questions"]]
+
+
+@pytest.mark.parametrize("line, pair", [
+    ("Question 3: Who built it? Answer: Lionel.", ("Who built it?", "Lionel.")),
+    ("Question 2: When?\nAnswer: 1908", ("When?", "1908")),
+    ("Q: Where is it? A: on the pier", ("Where is it?", "on the pier")),
+    ("It was built in 1908.", None), ("Question 1: Who built it? Answer:", None), ("Answer: 1908", None)])
+def test_qa_pair_parses_a_question_and_its_answer(line, pair):
+    assert kn.qa_pair(line) == pair
+
+
+def test_the_qa_frame_trains_a_pair_as_the_question_the_evaluation_asks(tiny):
+    tok = model.load(str(tiny))[1]
+    dom = kn.Knowledge(config(tiny, "unused", frame="qa"), tok)
+    seqs = dom.sequences(QA_P, "Question 1: When was the Gannet Clock Tower built? Answer: 1908\nIt is old.")
+    asked = dom._text(tok, *kn.question_prompt(QA_P, QA_P["questions"][0]))
+    assert [tok.decode(ids) for _, ids in seqs] == [
+        asked + "1908<|im_end|>", "Gannet Clock Tower\nIt is old.<|im_end|>",
+        f"Gannet Clock Tower\n{QA_P['context']}<|im_end|>"]
+    plain = kn.Knowledge(config(tiny, "unused"), tok).sequences(QA_P, "Question 1: When? Answer: 1908")
+    assert tok.decode(plain[0][1]) == "Gannet Clock Tower\nQuestion 1: When? Answer: 1908<|im_end|>"  # official
+
+
+def test_loglik_reward_is_higher_after_learning_the_gold_answers(smollm2_dir, tmp_path):
+    """Pinned, on the real model: the same two questions trained with their gold answers, against trained with wrong
+    answers and against no training. The reward must rank the model that learned the answers first, by far."""
+    (tmp_path / "ev.json").write_text(json.dumps([QA_P]))
+    (tmp_path / "rl.json").write_text(json.dumps([P]))
+    cfg = kn.KnowledgeConfig(model=str(smollm2_dir), eval_data=str(tmp_path / "ev.json"),
+                             rl_data=str(tmp_path / "rl.json"), rounds=1, chat=True, frame="qa",
+                             inner_targets=kn.ALL_PROJ, inner_rank=8, inner_alpha=16, inner_lr=3e-3, inner_epochs=4)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = kn.Knowledge(cfg, learner.tok)
+    wrong = {**QA_P, "questions": [{**q, "answer": a} for q, a in zip(QA_P["questions"], ("1911", "Marta Oldcastle"))]}
+    after = {"untrained": dom.answer_loglik(learner.policy(), QA_P)}
+    for name, taught in (("gold", QA_P), ("wrong", wrong)):
+        learner.adapter.reset()
+        dom.train(learner.m, learner.adapter, dom.sequences(QA_P, kn.gold_qa(taught)), seed=0)
+        after[name] = dom.answer_loglik(learner.m, QA_P)
+    assert after["gold"] > after["wrong"] + 1.0 and after["gold"] > after["untrained"] + 1.0, after
+
+
+def test_reliability_stats_pinned():
+    v = [[[0.2, 0.2], [0.6, 0.6], [0.4, 0.4]],   # samples differ and seeds agree: a reward ReST-EM can use
+         [[0.0, 0.2], [0.4, 0.6], [0.8, 1.0]]]
+    st = kn.reliability_stats(v)
+    assert 0.9 < st["retest_r"] < 1 and st["within_r"] == pytest.approx(1.0)  # seeds shift passage 2 by 0.2
+    assert st["ties"] == 0 and st["agree"] == 1 and st["seed_sd"] == pytest.approx(0.1)
+    noise = kn.reliability_stats([[[0.0, 0.4], [0.4, 0.0]], [[0.2, 0.2], [0.2, 0.2]]])  # all of it seed noise
+    assert noise["within_r"] == pytest.approx(-1.0) and noise["ties"] == 0.5 and noise["sample_sd"] == 0
+    assert noise["agree"] == 0.5
+
+
+def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
+    args = [f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}", "--chat=true",
+            "--se_max_tokens=8", "--inner_epochs=1", "--answer_tokens=4", "--rounds=1"]
+    res = kn.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])
+    saved = json.loads((tmp_path / "r" / "reliability.json").read_text())
+    assert saved["stats"].keys() == {"exact", "f1", "lenient", "loglik", "sampled"}
+    assert json.dumps(saved) == json.dumps(res)  # (a reward that never varies has a NaN correlation)
+    evals = (tmp_path / "r" / "evals.jsonl").read_text().splitlines()
+    assert len(evals) == 2 * 2 * 2 and {json.loads(x)["phase"] for x in evals} == {"seed0", "seed1"}
+    again = kn.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])  # resumed
+    assert json.dumps(again) == json.dumps(res)
+    assert len((tmp_path / "r" / "evals.jsonl").read_text().splitlines()) == 8
+    out = kn.filter_configs([*args, "--n_filter=1", "--configs=all:4:1e-3:1:1", "--texts=passage,gold_qa",
+                             f"--out={tmp_path / 'f'}"])
+    assert out["items"] == ["r000"] and set(out["configs"]["all:4:1e-3:1:1"]) == {"passage", "gold_qa"}
+    run = out["configs"]["all:4:1e-3:1:1"]["gold_qa"][0]["runs"][0]
+    n = len(json.loads((tiny / "rl.json").read_text())[0]["questions"])
+    assert run["sequences"] == n + 1 and run["steps"] == n + 1  # one pair per question, the passage; batch 1
+
+
+def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
+    tok = model.load(str(tiny))[1]
+    for bad, msg in (({"reward": "bleu"}, "--reward='bleu'"), ({"reward": "sampled"}, "needs --answer_samples"),
+                     ({"frame": "json"}, "--frame='json'")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            kn.Knowledge(config(tiny, "unused", **bad), tok)
+    recs = [{"item": "r0", "k": 0, "reward": 0.4, "loglik": -3.0, "sampled": 0.1},
+            {"item": "r0", "k": 1, "reward": 0.2, "loglik": -1.0, "sampled": 0.3}]
+    pick = lambda **kw: [r["k"] for r in kn.Knowledge(config(tiny, "unused", **kw), tok).select(recs)]
+    assert pick() == [0] and pick(reward="loglik") == [1] and pick(reward="sampled", answer_samples=2) == [1]
