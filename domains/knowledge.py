@@ -192,8 +192,8 @@ def gold_qa(passage):
 
 
 CONTROLS = {"sentences": passage_sentences, "gold_qa": gold_qa}
-QA_LINE = re.compile(r"^(?:Q(?:uestion)?\s*\d*\s*[:.)]\s*)?(?P<q>[^\n]*?\?)\s*A(?:nswer)?\s*\d*\s*[:.)]\s*(?P<a>.*\S)",
-                     re.S)
+QA_LINE = re.compile(r"^(?:Q(?:uestion)?\s*\d*\s*[:.)]\s*)?(?P<q>[^\n]*?\?)\s*(?:the\s+)?A(?:nswer)?\s*\d*\s*[:.)]\s*"
+                     r"(?P<a>.*\S)", re.S | re.I)
 
 
 def qa_pair(line):

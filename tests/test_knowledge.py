@@ -277,6 +277,7 @@ def test_ceiling_controls_restate_the_passage_and_its_questions():
     ("Question 3: Who built it? Answer: Lionel.", ("Who built it?", "Lionel.")),
     ("Question 2: When?\nAnswer: 1908", ("When?", "1908")),
     ("Q: Where is it? A: on the pier", ("Where is it?", "on the pier")),
+    ("Question 1: \nWho keeps it?\nThe answer: Marta", ("Who keeps it?", "Marta")),  # as SmolLM2 writes them
     ("It was built in 1908.", None), ("Question 1: Who built it? Answer:", None), ("Answer: 1908", None)])
 def test_qa_pair_parses_a_question_and_its_answer(line, pair):
     assert kn.qa_pair(line) == pair
