@@ -306,6 +306,7 @@ def main(cfg: Check):
         part.parent.mkdir(parents=True, exist_ok=True)
         part.write_text(json.dumps(fn(cfg, device), indent=2))
         return
+    cfg.out = str(Path(cfg.out).resolve())  # the stages run from the repository's root
     wanted = cfg.stages.split(",")
     unknown = set(wanted) - set(STAGES)
     if unknown:
