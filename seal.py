@@ -53,6 +53,8 @@ class RunConfig:
     rl_samples: int = 5             # self-edits per RL item per round
     eval_samples: int = 1           # self-edits per evaluation item
     se_temperature: float = 1.0     # sampling temperature of self-edits
+    rl_temperature: float = 0.0     # the E-step's own temperature on RL items (0: --se_temperature). ReST-EM can
+                                    # only keep what it samples: a hotter E-step explores further than evaluation
     se_top_p: float = 1.0           # nucleus sampling of self-edits (1: off)
     se_max_tokens: int = 128        # the longest self-edit, in tokens
     # the inner loop's adapter: injected once, reset before every self-edit
@@ -239,10 +241,12 @@ class Learner:
                 "losses": res.losses, "seconds": res.seconds}
 
 
-def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None):
-    """E-step sampling: n self-edits per item at the policy's temperature (one prefill per item). Each item's
+def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperature=None):
+    """E-step sampling: n self-edits per item at `temperature` (default --se_temperature; one prefill per item). Each
+    item's
     samples are seeded by the item alone, so they do not depend on the batching (--eval_batch) or, under torchrun,
     on the number of processes: every rank samples every world-th item and all ranks gather the lot."""
+    temperature = cfg.se_temperature if temperature is None else temperature
     prompts = [domain.prompt_ids(it, tok) for it in items]
     rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
     seeds = [stable_seed(cfg.seed, phase, it) for it in items]
@@ -254,9 +258,9 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None):
         batch = own[b:b + size]
         if domain.template is not None:
             outs = [o for i in batch for o in sample_template(m, tok, prompts[i], domain.template, n,
-                                                               cfg.se_temperature, seed=seeds[i])]
+                                                               temperature, seed=seeds[i])]
         else:
-            outs = generate_ids(m, tok, [prompts[i] for i in batch], cfg.se_max_tokens, cfg.se_temperature,
+            outs = generate_ids(m, tok, [prompts[i] for i in batch], cfg.se_max_tokens, temperature,
                                 cfg.se_top_p, n, seed=[seeds[i] for i in batch])
         mine.update({i: outs[j * n:(j + 1) * n] for j, i in enumerate(batch)})
     dt = time.time() - t0
@@ -380,7 +384,8 @@ def rest_em_round(run_dir, learner, domain, cfg, r):
     if policy is None:
         items = domain.rl_items_for_round(r)
         jobs = run_dir.samples(phase, lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
-                                                                 cfg.rl_samples, cfg, phase, run_dir.ranks))
+                                                                 cfg.rl_samples, cfg, phase, run_dir.ranks,
+                                                                 cfg.rl_temperature or cfg.se_temperature))
         recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)  # reward: the inner loop per self-edit
         kept = domain.select(recs)  # E-step
         if run_dir.ranks.main:

@@ -454,24 +454,29 @@ def _write_split(ids):
 
 def print_policy(argv):
     """Print a model's schema-mode self-edit policy on a split: per task and field, each option's probability
-    at --se_temperature, along the most likely self-edit (a field's options depend on the choices before it).
-    --model=runs/arc-tiny/policy-round1 shows the policy after ReST-EM."""
+    at the E-step's temperature (--rl_temperature, else --se_temperature), along the most likely self-edit (a
+    field's options depend on the choices before it), and how likely a sample is to be that self-edit at the
+    evaluation's and at the E-step's temperature. --model=runs/arc-tiny/policy-round1 shows the policy after ReST-EM."""
     cfg = settings.parse_overrides(ArcConfig(), argv)
-    if cfg.se_mode != "schema" or cfg.se_temperature <= 0:
-        raise SystemExit("policy: needs --se_mode=schema and --se_temperature > 0")
+    temp = cfg.rl_temperature or cfg.se_temperature
+    if cfg.se_mode != "schema" or cfg.se_temperature <= 0 or temp <= 0:
+        raise SystemExit("policy: needs --se_mode=schema and temperatures > 0")
     learner = seal.Learner(cfg, cfg.model)
     dom = Arc(cfg, learner.tok)
     fields = [(key.replace("use_", "").replace("_augmentations", ""),
                [o.strip('"').replace("train_using_", "") for o in options])
               for (_, key, _, _), (_, options) in zip(FIELDS, dom.template)]
-    print(f"{cfg.model}: option probabilities at temperature {cfg.se_temperature:g}", flush=True)
+    print(f"{cfg.model}: option probabilities at temperature {temp:g}; p(top) is the chance that one sample is the "
+          f"most likely self-edit at {cfg.se_temperature:g} and at {temp:g}", flush=True)
     for item in dom.rl_items + dom.eval_items:
         trace = []
         sampling.sample_template(learner.policy(), learner.tok, dom.prompt_ids(item, learner.tok), dom.template, n=1,
                              temperature=0, trace=trace)
-        probs = [torch.softmax(torch.tensor(lp) / cfg.se_temperature, -1).tolist() for lp in trace]
-        print(item, "; ".join(f"{name} " + " ".join(f"{o}={p:.2f}" for o, p in zip(options, ps))
-                              for (name, options), ps in zip(fields, probs)), flush=True)
+        at = lambda t: [torch.softmax(torch.tensor(lp) / t, -1) for lp in trace]
+        top = lambda t: math.prod(p.max().item() for p in at(t))
+        print(f"{item} p(top) {top(cfg.se_temperature):.3g} / {top(temp):.3g}: " + "; ".join(
+            f"{name} " + " ".join(f"{o}={p:.2f}" for o, p in zip(options, ps.tolist()))
+            for (name, options), ps in zip(fields, at(temp))), flush=True)
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 """ARC through the shared loop on a tiny random model: the run end to end, resume, the schema prompt, filter,
 policy. (The loop itself, with rewards it can earn, is tested through a fake domain in test_seal.py.)"""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,14 +135,18 @@ def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
 
 
 def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
-    def policy(temperature):
+    tops = {}
+
+    def policy(temperature):  # the E-step's temperature; the evaluation's stays at 0.8
         arc_domain.print_policy([f"--model={tiny_dir}", f"--split={tiny_dir / 'split.json'}", "--fmt=compact",
-                                 "--se_mode=schema", "--se_epoch_options=1,2,4,6", f"--se_temperature={temperature}"])
+                                 "--se_mode=schema", "--se_epoch_options=1,2,4,6", "--se_temperature=0.8",
+                                 f"--rl_temperature={temperature}"])
         header, *lines = capsys.readouterr().out.strip().splitlines()
-        assert header.endswith(f"at temperature {temperature:g}")
+        assert f"option probabilities at temperature {temperature:g};" in header
         out = {}
         for line in lines:
-            item, rest = line.split(" ", 1)
+            item, top, rest = re.match(r"(\S+) p\(top\) (\S+ / \S+): (.*)", line).groups()
+            tops.setdefault(item, []).append([float(x) for x in top.split(" / ")])
             fields = dict(f.split(" ", 1) for f in rest.split("; "))
             out[item] = {f: {o: float(p) for o, p in (x.split("=") for x in v.split())} for f, v in fields.items()}
         return out
@@ -156,6 +161,8 @@ def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
             assert sum(probs.values()) == pytest.approx(1, abs=0.02)
             assert max(hot[item][f].values()) <= max(probs.values()) + 0.01  # a higher temperature flattens
     assert any(max(hot[i][f].values()) < max(cold[i][f].values()) - 0.01 for i in cold for f in cold[i])
+    for (at_eval, at_cold), (again, at_hot) in tops.values():  # p(top): a hot E-step rarely repeats the top edit
+        assert at_eval == again and at_hot < at_cold and 0 < at_hot < 1
 
 
 def test_unknown_subcommand_prints_the_usage():

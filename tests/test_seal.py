@@ -237,3 +237,13 @@ def test_free_sampling_does_not_depend_on_the_batching(tiny_dir, tmp_path):
     texts = [[j["text"] for j in r] for r in runs]
     assert texts[0] == texts[1]  # 3 batches of one item, or one batch of all three: the same self-edits
     assert len(set(texts[0][:3])) > 1 and texts[0][:3] != texts[0][3:6]
+
+
+def test_the_e_step_samples_at_its_own_temperature(tiny_dir, tmp_path):
+    """--rl_temperature is the RL round's sampling temperature; 0 means --se_temperature's."""
+    def rl_samples(t):
+        seal.run(config(tiny_dir, tmp_path / str(t), se_max_tokens=8, se_temperature=0.7, rl_temperature=t,
+                        rows="rl"), FreeFake)
+        return [j["text"] for j in json.loads((tmp_path / str(t) / "samples-rl1.json").read_text())]
+    same, explicit, hot = rl_samples(0.0), rl_samples(0.7), rl_samples(3.0)
+    assert same == explicit and hot != same
