@@ -31,6 +31,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+import checkpoint
 import lora
 import model as model_lib
 from settings import device_and_dtype, parse_overrides
@@ -110,8 +111,8 @@ def build_models(name, seed, device, dtype):
     """Our Transformer and transformers' model holding identical weights (random ones for random:NAME)."""
     import transformers
     if not name.startswith("random:"):
-        path = model_lib.resolve(name)
-        ours, _ = model_lib.load(str(path), device=device, dtype=dtype)
+        path = checkpoint.resolve(name)
+        ours, _ = checkpoint.load(str(path), device=device, dtype=dtype)
         ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     else:
         shape = SHAPES.get(name.removeprefix("random:"))
@@ -397,7 +398,7 @@ def measure(cfg: Bench, name, device, dtype, only) -> dict:
     result = {}
     if "inner_loop" in only:
         result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
-    tok = None if name.startswith("random:") else Tokenizer.from_dir(model_lib.resolve(name))
+    tok = None if name.startswith("random:") else Tokenizer.from_dir(checkpoint.resolve(name))
     pad = ours.config.extra.get("eos_token_id", 0)
     pad = pad[0] if isinstance(pad, list) else pad
     if "sampling" in only:

@@ -119,6 +119,7 @@ def byte_tokenizer(folder: Path):
 def random_folder(shape_name: str, folder: Path) -> Path:
     """A hub-style folder of random weights (std 0.02, bf16) of a bench.SHAPES shape, with the byte tokenizer."""
     import bench
+    import checkpoint
     import model as model_lib
     if (folder / "model.safetensors").exists():
         return folder
@@ -131,7 +132,7 @@ def random_folder(shape_name: str, folder: Path) -> Path:
         for name, p in m.named_parameters():
             p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
     folder.mkdir(parents=True, exist_ok=True)
-    model_lib.save(m.to(torch.bfloat16), folder)
+    checkpoint.save(m.to(torch.bfloat16), folder)
     byte_tokenizer(folder)
     return folder
 
@@ -152,8 +153,8 @@ def stage_agreement(cfg: Check, device) -> dict:
     """The same model in bf16 and fp32 weights (adapters fp32 in both): the first inner-loop losses and the greedy
     answers. Real weights when the SEAL model is present (random ones make near-ties everywhere in greedy decoding)."""
     import bench
+    import checkpoint
     import lora
-    import model as model_lib
     import sampling
     real = not seal_model_present(cfg)
     name = cfg.seal_model if real else f"random:{cfg.shape}"
@@ -162,7 +163,7 @@ def stage_agreement(cfg: Check, device) -> dict:
     runs = {}
     for dt in (torch.float32, torch.bfloat16):
         if real:
-            m, tok = model_lib.load(name, device=device, dtype=dt)
+            m, tok = checkpoint.load(name, device=device, dtype=dt)
         else:
             m, _ = bench.build_models(name, 0, device, dt)
             tok = None

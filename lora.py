@@ -119,7 +119,7 @@ class Adapter:
             p.copy_(sd[k])
 
     def merge(self):
-        """Merge every adapter into its base weight and put the plain nn.Linear back (model.save then works)."""
+        """Merge every adapter into its base weight and put the plain nn.Linear back (checkpoint.save then works)."""
         for mod in self.modules.values():
             mod.merge()
         self.remove()

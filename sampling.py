@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import model as model_lib
 from settings import device_and_dtype, parse_overrides
 
@@ -167,7 +168,7 @@ def generate(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=
 
 @dataclass
 class GenerateConfig:
-    model: str = model_lib.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
+    model: str = checkpoint.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
     prompt: str = "The capital of France is"
     max_new_tokens: int = 32
     temperature: float = 0.0        # 0: greedy
@@ -179,7 +180,7 @@ class GenerateConfig:
 def cli_generate(argv):
     opts = parse_overrides(GenerateConfig(), argv)
     device, dtype = device_and_dtype(opts)
-    m, tok = model_lib.load(opts.model, device=device, dtype=dtype)
+    m, tok = checkpoint.load(opts.model, device=device, dtype=dtype)
     prompt = tok.chat([{"role": "user", "content": opts.prompt}]) if opts.chat else opts.prompt
     t0 = time.time()
     ids = generate_ids(m, tok, [tok.encode(prompt)], opts.max_new_tokens, opts.temperature)[0]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import lora
-import model as model_lib
 from settings import device_and_dtype
 from run_folder import Ranks, RunFolder, write_atomic  # noqa: F401 (part of seal's interface)
 from sampling import generate_ids, sample_template
@@ -39,7 +39,7 @@ from sampling import generate_ids, sample_template
 @dataclass
 class RunConfig:
     """Settings every domain has. A domain subclasses it, adds its own fields and sets the paper's defaults."""
-    model: str = model_lib.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
+    model: str = checkpoint.OFFLINE_DEFAULT  # a hub id, a local folder, or smollm2-135m (the offline model)
     out: str = "runs/seal"          # the run folder; the same command resumes a killed run from it
     seed: int = 0                   # every sampling, inner loop and M-step is seeded from it and names
     device: str = "auto"            # cuda if available, else cpu
@@ -190,7 +190,7 @@ class Learner:
         if self.adapter is not None:
             self.adapter.remove()
         self.m = None  # free the old weights before reading the new ones
-        self.m, self.tok = model_lib.load(name_or_path, device=self.device, dtype=self.dtype)
+        self.m, self.tok = checkpoint.load(name_or_path, device=self.device, dtype=self.dtype)
         if self.cfg.compile:
             self.m.compile_hot_paths()
         self.inject()
@@ -232,7 +232,7 @@ class Learner:
                          loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
                          adapter=sft, max_len=cfg.max_len)
         sft.merge()
-        model_lib.save(self.m, save_to, tokenizer_dir=model_lib.resolve(self.cfg.model))
+        checkpoint.save(self.m, save_to, tokenizer_dir=checkpoint.resolve(self.cfg.model))
         self.inject()
         first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
         print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
@@ -354,7 +354,7 @@ def run(cfg: RunConfig, domain_cls):
         def make():  # BASE and RL: the policy as it is now; TEACHER: --teacher
             # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on
             # each rank, and only when the samples are not in the run folder yet (make() is not called then).
-            m, tok = (model_lib.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
+            m, tok = (checkpoint.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
                       if row.source == TEACHER else (learner.policy(), learner.tok))
             return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, ranks)
         recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg)

@@ -8,6 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
 import model  # noqa: E402
 
 # Tiny configs as the hub writes them. head_dim 16 with a short original context makes llama3 rope scaling
@@ -48,6 +49,6 @@ def tiny_chat_dir(tmp_path_factory, smollm2_dir):
     """A 2-layer random Llama with the real SmolLM2 tokenizer (so chat formatting and parsing are real), saved as a
     hub-style folder: what the loop and the domains run on in the tests."""
     d = tmp_path_factory.mktemp("tiny-chat")
-    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
-               tokenizer_dir=smollm2_dir)
+    checkpoint.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, std=0.02), d,
+                    tokenizer_dir=smollm2_dir)
     return d

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora
-import model
+import checkpoint
 import seal
 from domains import arc as arc_domain
 
@@ -103,7 +103,7 @@ def test_a_round_that_keeps_nothing_saves_no_weights(tiny_dir, tmp_path):
 
 
 def test_schema_prompt_offers_the_schema_values(tiny_dir):
-    m, tok = model.load(str(tiny_dir))
+    m, tok = checkpoint.load(str(tiny_dir))
     cfg = config(tiny_dir, "unused", se_mode="schema", se_lr_options="3e-4,1e-3,3e-3", se_epoch_options="1,3,6")
     dom = arc_domain.Arc(cfg, tok)
     text = tok.decode(dom.prompt_ids("6150a2bd", tok))
@@ -176,7 +176,7 @@ def test_unknown_subcommand_prints_the_usage():
 def test_views_too_long_for_max_len_are_skipped(tiny_dir):
     """A view whose prompt leaves no room for the answer is dropped (as the official run drops queries over its
     limit). Before, a prompt longer than max_len made the answer budget negative and the cache too short."""
-    m, tok = model.load(str(tiny_dir))
+    m, tok = checkpoint.load(str(tiny_dir))
     task = arc_domain.ttt.load_tasks(["5582e5ca"])["5582e5ca"]
     views = arc_domain.ttt.eval_queries(task, 0, seed=seal.stable_seed(0, task.id, 0))
     longest = max(len(tok.encode(tok.chat(arc_domain.ttt.task_messages(q.demos, q.query_in, "compact"))))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import model
+import checkpoint
 from conftest import LLAMA, ROOT, random_model
 from domains import knowledge as kn
 
@@ -68,8 +68,8 @@ def test_two_gloo_processes_equal_one(args, single, tmp_path):
 def teacher_dir(tiny_chat_dir, smollm2_dir, tmp_path_factory):
     """A teacher unlike the student: other random weights, drawn larger (so its samples differ visibly)."""
     d = tmp_path_factory.mktemp("teacher")
-    model.save(random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, seed=1, std=0.2), d,
-               tokenizer_dir=smollm2_dir)
+    m = random_model({**LLAMA, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}, seed=1, std=0.2)
+    checkpoint.save(m, d, tokenizer_dir=smollm2_dir)
     return d
 
 

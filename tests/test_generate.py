@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import model
+import checkpoint
 import sampling
 from conftest import LLAMA, random_model
 
@@ -102,7 +102,7 @@ def test_stop_strings_cut_the_text(m):
 
 def test_real_model_greedy_matches_transformers(smollm2_dir):
     transformers = pytest.importorskip("transformers")
-    m, tok = model.load(str(smollm2_dir))
+    m, tok = checkpoint.load(str(smollm2_dir))
     prompt = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
     ids = tok.encode(prompt)
     ours = sampling.generate_ids(m, tok, [ids], max_new_tokens=24)[0]

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
 import lora
 import model
 from conftest import LLAMA, QWEN2, random_model
@@ -195,7 +196,7 @@ def test_packed_loss_equals_per_example_loss_and_hf_labels(tmp_path):
         n = [len(c) for _, c in exs]
         assert abs(float(packed) - sum(a * k for a, k in zip(alone, n)) / sum(n)) < 1e-5
         # each example's loss is what HF computes with labels = -100 on the prompt (the official masking)
-        model.save(m, tmp_path)
+        checkpoint.save(m, tmp_path)
         hf = hf_model(tmp_path)
         for (p, c), a in zip(exs, alone):
             ids = torch.tensor([p + c])
@@ -341,7 +342,7 @@ def test_too_long_dropped_and_empty_is_noop():
 def test_our_adapter_loads_in_peft(tmp_path):
     peft = pytest.importorskip("peft")
     m = random_model(LLAMA)
-    model.save(m, tmp_path / "base")
+    checkpoint.save(m, tmp_path / "base")
     adapter = lora.inject(m, r=8, alpha=16, targets=ALL5)
     lora.train(m, rand_examples(4), lr=1e-2, epochs=2, adapter=adapter)
     adapter.save(tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
@@ -358,7 +359,7 @@ def test_our_adapter_loads_in_peft(tmp_path):
 def test_peft_adapter_loads_in_ours(tmp_path):
     peft = pytest.importorskip("peft")
     m = random_model(LLAMA)
-    model.save(m, tmp_path / "base")
+    checkpoint.save(m, tmp_path / "base")
     ref = peft.get_peft_model(hf_model(tmp_path / "base"),
                               peft.LoraConfig(r=4, lora_alpha=12, target_modules=list(ALL5), task_type="CAUSAL_LM"))
     idx = torch.randint(0, 97, (2, 40))
@@ -384,6 +385,6 @@ def test_merged_model_loads_in_transformers(tmp_path):
     with torch.no_grad():
         unmerged = m(idx)
     adapter.merge()
-    model.save(m, tmp_path)
+    checkpoint.save(m, tmp_path)
     with torch.no_grad():
         assert (hf_model(tmp_path)(idx).logits - unmerged).abs().max() < 1e-4

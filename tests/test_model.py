@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import model
 from conftest import LLAMA, LLAMA_TIED, QWEN2, random_model
 
@@ -18,7 +19,7 @@ def hf_logits(folder, idx):
 @pytest.mark.parametrize("cfg", [LLAMA, LLAMA_TIED, QWEN2], ids=["llama-gqa-llama3", "llama-tied", "qwen2"])
 def test_logits_match_transformers(cfg, tmp_path):
     m = random_model(cfg)
-    model.save(m, tmp_path)
+    checkpoint.save(m, tmp_path)
     idx = torch.randint(0, cfg["vocab_size"], (2, 80))  # 80 tokens: well past the 16-token original context
     with torch.no_grad():
         ours = m(idx)
@@ -27,7 +28,7 @@ def test_logits_match_transformers(cfg, tmp_path):
     # the test is sensitive: logits vary strongly and attention is not uniform
     assert ref.std() > 1.0
     # our loader gives back the same model
-    m2, _ = model.load(str(tmp_path))
+    m2, _ = checkpoint.load(str(tmp_path))
     with torch.no_grad():
         assert torch.equal(m2(idx), ours)
 
@@ -35,7 +36,7 @@ def test_logits_match_transformers(cfg, tmp_path):
 def test_wrong_rope_is_detected(tmp_path):
     """Without llama3 scaling the logits must differ clearly, or the parity test above proves nothing."""
     m = random_model(LLAMA)
-    model.save(m, tmp_path)
+    checkpoint.save(m, tmp_path)
     idx = torch.randint(0, 97, (1, 80))
     m.inv_freq = model.rope_inv_freq(model.Config.from_hf({**LLAMA, "rope_scaling": None}))
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_unsupported_config_is_refused(change, message):
 
 @pytest.fixture
 def saved(tmp_path):
-    model.save(random_model(LLAMA), tmp_path)
+    checkpoint.save(random_model(LLAMA), tmp_path)
     return tmp_path
 
 
@@ -165,14 +166,14 @@ def test_truncated_safetensors(saved):
     f = saved / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        model.load(str(saved))
+        checkpoint.load(str(saved))
 
 
 def test_corrupt_header(saved):
     f = saved / "model.safetensors"
     f.write_bytes(b"\xff" * 8 + f.read_bytes()[8:])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        model.load(str(saved))
+        checkpoint.load(str(saved))
 
 
 def test_missing_tensor_and_wrong_shape(saved):
@@ -181,22 +182,22 @@ def test_missing_tensor_and_wrong_shape(saved):
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, saved / "model.safetensors")
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
-        model.load(str(saved))
+        checkpoint.load(str(saved))
     sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(sd, saved / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.*\(3, 3\)"):
-        model.load(str(saved))
+        checkpoint.load(str(saved))
 
 
 def test_unreachable_hub_id(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(RuntimeError, match="local folder"):
-        model.load("no-such-owner/no-such-model")
+        checkpoint.load("no-such-owner/no-such-model")
 
 
 def test_bf16_load_keeps_dtype(saved):
-    m, _ = model.load(str(saved), dtype=torch.bfloat16)
+    m, _ = checkpoint.load(str(saved), dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.inv_freq.dtype == torch.float32  # rotary angles stay fp32
     assert random_model(LLAMA).to(torch.bfloat16).inv_freq.dtype == torch.float32  # also after a plain .to()
@@ -212,7 +213,7 @@ PARAGRAPH = ("The history of the city goes back more than two thousand years. It
 def test_real_model_nll_matches_transformers(smollm2_dir):
     """NLL, not greedy text: a wrong Q/K un-permute still says 'Paris' but the NLL doubles."""
     transformers = pytest.importorskip("transformers")
-    m, tok = model.load(str(smollm2_dir))
+    m, tok = checkpoint.load(str(smollm2_dir))
     ids = torch.tensor([tok.encode(PARAGRAPH)])
     with torch.no_grad():
         ours = torch.nn.functional.cross_entropy(m(ids)[0, :-1], ids[0, 1:]).item()
@@ -234,6 +235,6 @@ def test_sharded_checkpoint_loads(saved):
         save_file({k: sd[k] for k in ks}, saved / name)
     weight_map = {k: name for name, ks in shards.items() for k in ks}
     (saved / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    m, _ = model.load(str(saved))
+    m, _ = checkpoint.load(str(saved))
     loaded = m.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())

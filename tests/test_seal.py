@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora
-import model
+import checkpoint
 import sampling
 import settings
 import seal
@@ -62,7 +62,7 @@ def config(tiny_dir, out, **kw):
 
 
 def p_yes(policy_dir_or_name, prompt="Item e1: pick yes or no?"):
-    m, tok = model.load(str(policy_dir_or_name))
+    m, tok = checkpoint.load(str(policy_dir_or_name))
     trace = []
     sampling.sample_template(m, tok, tok.encode(prompt), Fake.template, temperature=0, trace=trace)
     return torch.softmax(torch.tensor(trace[0]), -1)[0].item()
@@ -190,7 +190,7 @@ def test_overrides_are_typed_and_checked():
 
 
 def test_template_sampling_follows_the_models_probabilities(tiny_dir):
-    m, tok = model.load(str(tiny_dir))
+    m, tok = checkpoint.load(str(tiny_dir))
     prompt = tok.encode("Pick one:")
     options = ["true", "false", "3e-3", "1e-4"]
     template = [(" answer=", options), ("!", None)]
