@@ -5,6 +5,7 @@
 #   bash train.sh knowledge [run|filter|forget] [--key=value ...]   SEAL on knowledge incorporation, likewise
 #   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
 #   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (bench.py)
+#   bash train.sh gpu-check [OUT_DIR] [--key=value ...]   all the GPU measurements in timed stages (gpu_check.py)
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by each command above)
 #   ... --help                            a command's settings, their values (preset included) and what each does
@@ -105,8 +106,8 @@ case "$cmd" in
               --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
     fi
     launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
-  -h|--help|help)
-    sed -n '2,13p' "$0" ;;
+  -h|--help|help)  # the comment lines at the top, however many
+    sed '1d;/^[^#]/,$d' "$0" ;;
   *)
-    sed -n '2,13p' "$0"; exit 2 ;;
+    sed '1d;/^[^#]/,$d' "$0"; exit 2 ;;
 esac
