@@ -241,6 +241,12 @@ def lenient(pred, gold):
 GRADERS = {"exact": exact, "f1": f1, "lenient": lenient}
 
 
+def answer_coverage(passage, text):
+    """The share of the passage's gold answers that a self-edit's text states (lenient match): a diagnostic of how
+    faithfully it restates the facts asked about, computed without any training. Never a reward here."""
+    return sum(lenient(text, q["answer"]) for q in passage["questions"]) / len(passage["questions"])
+
+
 def judge_says_yes(reply):
     """The official rule: yes only if "yes" appears and "no" does not."""
     words = re.findall(r"[a-z]+", reply.lower())
@@ -252,8 +258,8 @@ class Judge:
     paper asked GPT-4.1. Loaded once; greedy, a few tokens."""
 
     def __init__(self, path, device, dtype):
-        import model as model_lib
-        self.m, self.tok = model_lib.load(path, device=device, dtype=dtype)
+        import checkpoint
+        self.m, self.tok = checkpoint.load(path, device=device, dtype=dtype)
 
     def __call__(self, questions, preds, golds):
         prompts = []
@@ -472,9 +478,11 @@ class Knowledge(seal.Domain):
             got = [r[name] for r in recs if name in r]
             if got:
                 out[name] = sum(got) / len(got)
-        with_text = [r for r in recs if r.get("text")]
+        with_text = [r for r in recs if r.get("text") and r["item"] in self.passages]
         if with_text:
             out["self_edit_lines"] = sum(len(self_edit_lines(r["text"], self.cfg.prompt))
+                                         for r in with_text) / len(with_text)
+            out["answer_coverage"] = sum(answer_coverage(self.passages[r["item"]], r["text"])
                                          for r in with_text) / len(with_text)
         return out
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
+import checkpoint
 import seal
 import settings
 from conftest import ROOT
@@ -217,7 +217,7 @@ def test_forgetting_matrix(tiny, tmp_path):
 
 
 def test_settings_are_checked(tiny):
-    m, tok = None, model.load(str(tiny))[1]
+    m, tok = None, checkpoint.load(str(tiny))[1]
     for bad, msg in (({"prompt": "poem"}, "--prompt='poem'"), ({"grader": "gpt"}, "--grader='gpt'"),
                      ({"grader": "judge"}, "needs --judge"), ({"n_eval": 3}, "has 2 passages, 3 asked for"),
                      ({"rl_data": str(tiny / "ev.json")}, "in both eval_data and rl_data")):
@@ -229,7 +229,7 @@ def test_the_cpu_presets_counts_are_caps(tiny):
     """train.sh's CPU preset caps the passages: a smaller file of the user's runs on all its passages, the shipped
     data is cut to the preset's counts, and a count the user gives is a count (more than the file is an error)."""
     preset = next(p for p in re.findall(r"preset=\(([^)]*)\)", (ROOT / "train.sh").read_text()) if "knowledge-tiny" in p)
-    tok = model.load(str(tiny))[1]
+    tok = checkpoint.load(str(tiny))[1]
     dom = lambda *args: kn.Knowledge(settings.parse_overrides(kn.KnowledgeConfig(), [*preset.split(), *args]), tok)
     small = dom(f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}")  # 2 passages each, 2 rounds
     assert small.eval_items == ["e000", "e001"] and small.rl_items_for_round(2) == ["r001"]
@@ -244,10 +244,10 @@ def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
     with pytest.raises(SystemExit, match="needs --teacher"):
         seal.run(config(tiny, tmp_path / "a", rows="teacher"), kn.Knowledge)
     teacher = tmp_path / "teacher"  # another model: the tiny one with its weights scaled, so it writes otherwise
-    m, tok = model.load(str(tiny))
+    m, tok = checkpoint.load(str(tiny))
     with torch.no_grad():
         m.model.norm.weight.mul_(3.0)
-    model.save(m, teacher, tokenizer_dir=tiny)
+    checkpoint.save(m, teacher, tokenizer_dir=tiny)
     res = seal.run(config(tiny, tmp_path / "b", rows="self_edit,teacher", teacher=str(teacher)), kn.Knowledge)
     assert [r["row"] for r in res["rows"]] == ["self_edit", "teacher"]
     own = json.loads((tmp_path / "b" / "samples-self_edit.json").read_text())
@@ -284,7 +284,7 @@ def test_qa_pair_parses_a_question_and_its_answer(line, pair):
 
 
 def test_the_qa_frame_trains_a_pair_as_the_question_the_evaluation_asks(tiny):
-    tok = model.load(str(tiny))[1]
+    tok = checkpoint.load(str(tiny))[1]
     dom = kn.Knowledge(config(tiny, "unused", frame="qa"), tok)
     seqs = dom.sequences(QA_P, "Question 1: When was the Gannet Clock Tower built? Answer: 1908\nIt is old.")
     asked = dom._text(tok, *kn.question_prompt(QA_P, QA_P["questions"][0]))
@@ -346,7 +346,7 @@ def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
 
 
 def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
-    tok = model.load(str(tiny))[1]
+    tok = checkpoint.load(str(tiny))[1]
     for bad, msg in (({"reward": "bleu"}, "--reward='bleu'"), ({"reward": "sampled"}, "needs --answer_samples"),
                      ({"frame": "json"}, "--frame='json'")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
@@ -355,3 +355,13 @@ def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
             {"item": "r0", "k": 1, "reward": 0.2, "loglik": -1.0, "sampled": 0.3}]
     pick = lambda **kw: [r["k"] for r in kn.Knowledge(config(tiny, "unused", **kw), tok).select(recs)]
     assert pick() == [0] and pick(reward="loglik") == [1] and pick(reward="sampled", answer_samples=2) == [1]
+
+
+def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
+    assert kn.answer_coverage(QA_P, "Lionel Vantreight built it in 1908.") == 1.0
+    assert kn.answer_coverage(QA_P, "Built in 1909 by Lionel.") == 0.0 and kn.answer_coverage(QA_P, "In 1908.") == 0.5
+    dom = kn.Knowledge(config(tiny, "unused"), checkpoint.load(str(tiny))[1])
+    p = dom.passages["e000"]
+    recs = [{"item": "e000", "accuracy": {"lenient": 0.0}, "text": kn.gold_qa(p)},
+            {"item": "e000", "accuracy": {"lenient": 0.0}, "text": "Nothing true."}]
+    assert dom.metrics(recs)["answer_coverage"] == 0.5
