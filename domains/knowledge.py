@@ -5,7 +5,10 @@ and the passage puts them into the weights; the adapted model then answers quest
 *without seeing it*. Its accuracy is the reward; ReST-EM keeps each passage's best self-edit and clones it.
 
     python -m domains.knowledge run                      # what `bash train.sh knowledge` calls (Table 2's rows)
-    python -m domains.knowledge filter --configs=qv:32:1e-3:10,all:32:1e-3:30   # which inner loop works here
+    python -m domains.knowledge filter --configs=all:32:1e-3:10:1 --texts=passage,sentences,gold_qa
+                                                         # which inner loop (and --frame) lets a self-edit matter
+    python -m domains.knowledge prompts                  # what each prompt and temperature gives RL to choose from
+    python -m domains.knowledge reliability              # can the reward tell self-edits apart (two seeds each)
     python -m domains.knowledge forget                   # catastrophic forgetting: edits merged one after another
     python -m domains.knowledge squad --squad=dev-v1.1.json   # the paper's passage selection from SQuAD
 
@@ -553,6 +556,40 @@ def filter_configs(argv):
 
 
 @dataclass
+class PromptsConfig(KnowledgeConfig):
+    prompts: str = "implications,rewrite,self-qa"   # the prompt variants to compare (PROMPTS)
+    temperatures: str = "1.0,0.7"                  # the sampling temperatures to compare
+    n_passages: int = 6                           # RL passages (the first n of rl_data)
+
+
+def compare_prompts(argv):
+    """What each prompt and temperature gives RL to choose from, at no training cost: --rl_samples self-edits per RL
+    passage, their answer coverage (mean, and the best sample's) and lines. ReST-EM keeps the best of k, so a
+    prompt whose best samples state the facts asked about is what it can clone (docs/knowledge.md)."""
+    cfg = settings.parse_overrides(PromptsConfig(), argv)
+    learner = seal.Learner(cfg, cfg.model)
+    print(f"{cfg.n_passages} RL passages x {cfg.rl_samples} self-edits; coverage: the share of gold answers stated")
+    out = {}
+    for variant in cfg.prompts.split(","):
+        for t in map(float, cfg.temperatures.split(",")):
+            c = PromptsConfig(**{**vars(cfg), "prompt": variant})
+            dom = Knowledge(c, learner.tok)
+            items = dom.rl_items[:cfg.n_passages]
+            jobs = seal.sample_self_edits(learner.policy(), learner.tok, dom, items, cfg.rl_samples, c,
+                                          f"prompts-{variant}", temperature=t)
+            cov = [answer_coverage(dom.passages[j["item"]], j["text"]) for j in jobs]
+            best = [max(cov[i:i + cfg.rl_samples]) for i in range(0, len(cov), cfg.rl_samples)]
+            lines = sum(len(self_edit_lines(j["text"], variant)) for j in jobs) / len(jobs)
+            out[f"{variant}@{t:g}"] = {"coverage": sum(cov) / len(cov), "best_of_k": sum(best) / len(best),
+                                       "lines": lines, "texts": [j["text"] for j in jobs]}
+            print(f"{variant:>18} T={t:<4g} coverage {sum(cov) / len(cov):.2f}, best of {cfg.rl_samples} "
+                  f"{sum(best) / len(best):.2f}, {lines:.1f} lines", flush=True)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    seal.write_atomic(Path(cfg.out) / "prompts.json", json.dumps(out, indent=1))
+    return out
+
+
+@dataclass
 class ReliabilityConfig(KnowledgeConfig):
     n_passages: int = 8             # RL passages (the first n of rl_data); k = --rl_samples self-edits each
     retest_seeds: int = 2           # inner-loop runs of every self-edit, each its own seed
@@ -691,7 +728,8 @@ def squad(argv):
 
 def main(argv):
     settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(KnowledgeConfig(), a), Knowledge),
-                             "filter": filter_configs, "reliability": reliability, "forget": forget, "squad": squad}, __doc__)
+                             "filter": filter_configs, "prompts": compare_prompts, "reliability": reliability,
+                             "forget": forget, "squad": squad}, __doc__)
 
 
 if __name__ == "__main__":

@@ -365,3 +365,14 @@ def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
     recs = [{"item": "e000", "accuracy": {"lenient": 0.0}, "text": kn.gold_qa(p)},
             {"item": "e000", "accuracy": {"lenient": 0.0}, "text": "Nothing true."}]
     assert dom.metrics(recs)["answer_coverage"] == 0.5
+
+
+def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
+    out = kn.compare_prompts([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
+                              "--chat=true", "--se_max_tokens=6", "--rounds=1", "--n_passages=2", "--rl_samples=2",
+                              "--prompts=rewrite,self-qa", "--temperatures=1.0,0.5", f"--out={tmp_path}"])
+    assert list(out) == ["rewrite@1", "rewrite@0.5", "self-qa@1", "self-qa@0.5"]
+    for res in out.values():
+        assert len(res["texts"]) == 4 and 0 <= res["coverage"] <= res["best_of_k"] <= 1
+    assert all(t.startswith(kn.SELF_QA_START) for t in out["self-qa@1"]["texts"])
+    assert json.loads((tmp_path / "prompts.json").read_text()) == out
