@@ -85,7 +85,7 @@ _GEOMETRIC = {
 }
 INVERSE = {"identity": "identity", "Transpose()": "Transpose()", "Flip(0)": "Flip(0)", "Flip(1)": "Flip(1)",
            "Rotate(90)": "Rotate(270)", "Rotate(180)": "Rotate(180)", "Rotate(270)": "Rotate(90)"}
-EVAL_TRANSFORMS = ("Transpose()", "Flip(0)", "Flip(1)", "Rotate(90)", "Rotate(180)")   # reference 1.6
+EVAL_TRANSFORMS = ("Transpose()", "Flip(0)", "Flip(1)", "Rotate(90)", "Rotate(180)")   # docs/official.md §1.6
 
 
 def transform(name: str, grid) -> Grid:
@@ -185,7 +185,7 @@ def _max_side(task: Task) -> int:
 
 
 # -----------------------------------------------------------------------------
-# Test-time-training data (reference 1.3)
+# Test-time-training data (docs/official.md §1.3)
 
 
 def _leave_n_tasks(task: Task, n: int) -> list[Task]:
@@ -234,7 +234,7 @@ def over_step_cap(n_examples: int, epochs: int, batch_size: int = 2, cap: int = 
 
 
 # -----------------------------------------------------------------------------
-# Grid text and chat messages (reference 1.4)
+# Grid text and chat messages (docs/official.md §1.4)
 
 FORMATS = ("numpy", "compact")
 IO_SEP, FOOTER = " -> ", "#"
@@ -326,7 +326,7 @@ def ttt_examples(task_copies: list[Task], fmt: str, tok, max_tokens: int) -> tup
 
 
 # -----------------------------------------------------------------------------
-# Eval queries (reference 1.6)
+# Eval queries (docs/official.md §1.6)
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,7 +387,7 @@ def eval_queries(task: Task, test_idx: int = 0, seed: int = 0, permute_n: int = 
 
 
 # -----------------------------------------------------------------------------
-# Hierarchical vote and pass@2 (reference 1.6)
+# Hierarchical vote and pass@2 (docs/official.md §1.6)
 
 # Pooling order of the official groups (it keys them by inverter: Rotate(90) views are its "Rotate(270)").
 GROUP_ORDER = ("identity", "Transpose()", "Flip(0)", "Flip(1)", "Rotate(180)", "Rotate(90)")
