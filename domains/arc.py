@@ -7,7 +7,7 @@ adapted by it solves the task's held-out test input (pass@2 after voting), else 
     python -m domains.arc filter --configs=basic+size+chain+repeat:output:3e-3:6 --max_side=5   # split-making
     python -m domains.arc policy --split=tiny --se_mode=schema         # what a model's self-edits would choose
 
-The self-edit schema (seal-reference 1.2) is written once, in FIELDS: the prompt's skeleton, the schema-mode
+The self-edit schema (docs/official.md §1.2) is written once, in FIELDS: the prompt's skeleton, the schema-mode
 template, SelfEdit.to_dict and the parser derive from it. The TTT toolkit lives in arc_ttt.py.
 """
 import json
@@ -34,7 +34,7 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "arc"
 
 @dataclass
 class ArcConfig(seal.RunConfig):
-    """The official ARC run's settings (seal-reference 1.2-1.7); the CPU preset lives in train.sh."""
+    """The official ARC run's settings (docs/official.md §1.2-1.7); the CPU preset lives in train.sh."""
     out: str = "runs/arc"
     split: str = "paper"            # data/arc/<split>.json, or a path to such a file
     rl_samples: int = 15
@@ -60,7 +60,7 @@ class ArcConfig(seal.RunConfig):
 
 
 # -----------------------------------------------------------------------------
-# The self-edit (seal-reference 1.2): its schema, the prompt, the parser
+# The self-edit (docs/official.md §1.2): its schema, the prompt, the parser
 
 # (section, key, kind, SelfEdit attribute), in the order the JSON is written
 FIELDS = ([("data_generation", f"use_{g}_augmentations", "bool", g) for g in ttt.AUG_GROUPS] +
@@ -405,7 +405,7 @@ class Arc(seal.Domain):
 
 # -----------------------------------------------------------------------------
 # Split-making: the paper kept tasks that TTT under an oracle configuration solves for its 1B model
-# (seal-reference 1.1). `filter` does the same for any model and candidate list, and prints per-config results.
+# (docs/official.md §1.1). `filter` does the same for any model and candidate list, and prints per-config results.
 
 
 @dataclass
