@@ -1,9 +1,10 @@
 """
 LoRA adapters and the small fine-tuning loop that SEAL runs thousands of times.
 
-SEAL's inner loop (paper §3, reference §1.5) turns every self-edit into a tiny LoRA fine-tune of one shared model:
-inject once, then for each self-edit `adapter.reset()` and `train(...)`, all in memory. The M-step (§1.7) is the
-same `train` on (prompt, self-edit) pairs with a fresh r=16 adapter, followed by `adapter.merge()`.
+SEAL's inner loop (paper §3, docs/official.md §1.5) turns every self-edit into a tiny LoRA fine-tune of one shared
+model: inject once, then for each self-edit `adapter.reset()` and `train(...)`, all in memory. The M-step
+(docs/official.md §1.7) is the same `train` on (prompt, self-edit) pairs with a fresh r=16 adapter, followed by
+`adapter.merge()`.
 
     adapter = inject(m, r=128, alpha=16, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
     for edit in self_edits:
@@ -191,7 +192,7 @@ def load_peft(model, adapter_dir) -> Adapter:
 
 
 # -----------------------------------------------------------------------------
-# Optimizer, clipping, schedules: the HF Trainer's defaults written out (reference §1.5: adamw_torch, clip 1.0)
+# Optimizer, clipping, schedules: the HF Trainer's defaults written out (docs/official.md §1.5: adamw_torch, clip 1.0)
 
 class AdamW:
     """torch.optim.AdamW's update (Loshchilov & Hutter 2019: Adam with decoupled weight decay, bias-corrected),
@@ -323,7 +324,7 @@ def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", 
           on_step=None) -> TrainResult:
     """Fine-tune the trainable params (the adapter's, else params, else every param with requires_grad) on
     (prompt_ids, completion_ids) examples. Each step packs its batch_size examples into one row. The official run
-    pads each batch to its longest example and trains on the padding too (reference §1.5); packing spends no
+    pads each batch to its longest example and trains on the padding too (docs/official.md §1.5); packing spends no
     FLOPs on pads and keeps the loss on real tokens only. Nothing is written to disk.
     on_step(step, loss, lr) is called after every optimizer step."""
     if loss_on not in ("completion", "all"):
