@@ -45,7 +45,7 @@ class RunConfig:
     device: str = "auto"            # cuda if available, else cpu
     dtype: str = "auto"             # bf16 on cuda, fp32 on cpu (lora.py keeps adapters and optimizer state fp32)
     compile: bool = False           # torch.compile the decoding step and the training forward (for a GPU; on a
-                                    # CPU the compiled decoding step ran 2x slower than eager: README "Speed")
+                                    # CPU the compiled decoding step ran 2x slower than eager: docs/speed.md)
     rows: str = ""                  # which rows of the results table to produce, by key; "" for all
     teacher: str = ""               # a model whose self-edits fill the `teacher` row (the paper's GPT-4.1 row)
     # ReST-EM outer loop (paper section 3.1)
@@ -155,7 +155,7 @@ def keep_rewarded(records):
 
 def best_per_item(records, score=lambda r: r["reward"]):
     """The best self-edit of each item by score (the reward by default), even one below the no-adaptation score
-    (the official knowledge run's top-1 of 5, seal-reference 2). Ties go to the first sampled."""
+    (the official knowledge run's top-1 of 5, docs/official.md §2.6). Ties go to the first sampled."""
     best = {}
     for r in records:
         if r["item"] not in best or score(r) > score(best[r["item"]]):
@@ -196,7 +196,7 @@ class Learner:
         self.inject()
 
     def inject(self):
-        # the same initial A before every self-edit, as the official run's reset_lora (seal-reference 1.5)
+        # the same initial A before every self-edit, as the official run's reset_lora (docs/official.md §1.5)
         self.adapter = lora.inject(self.m, r=self.cfg.inner_rank, alpha=self.cfg.inner_alpha,
                                    targets=self.cfg.inner_targets.split(","), seed=self.cfg.seed)
 
