@@ -7,7 +7,8 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
   answers     one batch of knowledge questions answered greedily (batched greedy decoding), the same figures,
               and how many rows decoded the same tokens on both sides (`same_rows`: a correctness check)
   inner_loop  our packed LoRA training (lora.train) against transformers + PEFT over right-padded batches, the
-              official recipe (reference 1.5): LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW; clip 1.0; cosine
+              official recipe (docs/official.md §1.5): LoRA r128 alpha16 on q,v,gate,up,down; bs 2; AdamW;
+              clip 1.0; cosine
   arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
               per phase (ours only: there is no reference to run)
 
