@@ -39,7 +39,7 @@ ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 @dataclass
 class KnowledgeConfig(seal.RunConfig):
-    """The official knowledge run's settings (seal-reference 2), Qwen2.5-7B base; the CPU preset is in train.sh."""
+    """The official knowledge run's settings (docs/official.md §2), Qwen2.5-7B base; the CPU preset is in train.sh."""
     model: str = "Qwen/Qwen2.5-7B"
     out: str = "runs/knowledge"
     eval_data: str = str(DATA / "fictional-eval.json")
@@ -124,7 +124,7 @@ def load_passages(path, n=None, what="data"):
 
 def squad_selection(squad_file, seed=42, start=0, n=200):
     """The paper's passages from a SQuAD v1.1 file: every (title, paragraph) with its questions (first answer),
-    shuffled with random.seed(seed), then [start:start+n] (seal-reference 2: dev, first 200 for evaluation)."""
+    shuffled with random.seed(seed), then [start:start+n] (docs/official.md §2.1: dev, first 200 for evaluation)."""
     raw = json.loads(Path(squad_file).read_text())["data"]
     out = [{"title": a["title"], "context": p["context"],
             "questions": [{"question": q["question"], "answer": q["answers"][0]["text"]} for q in p["qas"]]}
@@ -135,7 +135,7 @@ def squad_selection(squad_file, seed=42, start=0, n=200):
 
 
 # -----------------------------------------------------------------------------
-# Prompts (seal-reference 2; the project's own words) and self-edit -> training sequences
+# Prompts (docs/official.md §2.2; the project's own words) and self-edit -> training sequences
 
 PROMPTS = {
     "implications": ("Read the passage and list what follows from it: facts it states and conclusions you can "
@@ -492,7 +492,7 @@ class Knowledge(seal.Domain):
 
 # -----------------------------------------------------------------------------
 # filter: which inner loop puts a passage into this model's weights (the paper's r32 on q, v teaches a 135M
-# model nothing; see README). forget: catastrophic forgetting. squad: the paper's passage selection.
+# model nothing; see docs/knowledge.md). forget: catastrophic forgetting. squad: the paper's passage selection.
 
 
 @dataclass
