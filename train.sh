@@ -76,9 +76,9 @@ case "$cmd" in
     setup
     sub=run
     case "${1:-}" in run|filter|policy) sub=$1; shift ;; esac
-    if has_gpu; then  # the paper's setting (seal-reference.md section 1): Llama-3.2-1B-Instruct, bf16
+    if has_gpu; then  # the paper's setting (docs/official.md §1): Llama-3.2-1B-Instruct, bf16
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
-    else  # SmolLM2-135M on 2 CPU cores (README: "The tiny preset")
+    else  # SmolLM2-135M on 2 CPU cores (docs/arc.md: "The tiny preset")
       preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema
               --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=4 --eval_samples=1
               --max_examples=24 --warmup=2 --sft_lr=1e-3 --oracle=basic+size+chain+repeat:output:3e-3:6)
@@ -96,10 +96,10 @@ case "$cmd" in
     setup
     sub=run
     case "${1:-}" in run|filter|forget|squad) sub=$1; shift ;; esac
-    if has_gpu; then  # the paper's setting (seal-reference.md section 2): Qwen2.5-7B base, bf16, the paper's
-      # inner loop; the fictional passages unless --eval_data/--rl_data point at the SQuAD selections (README)
+    if has_gpu; then  # the paper's setting (docs/official.md §2): Qwen2.5-7B base, bf16, the paper's
+      # inner loop; the fictional passages unless --eval_data/--rl_data name the SQuAD selections (docs/knowledge.md)
       preset=(--model=Qwen/Qwen2.5-7B --out=runs/knowledge-paper)
-    else  # SmolLM2-135M on 2 CPU cores (README: "Knowledge incorporation on a CPU")
+    else  # SmolLM2-135M on 2 CPU cores (docs/knowledge.md: "Presets")
       preset=(--model=smollm2-135m --chat=true --out=runs/knowledge-tiny --max_eval=8 --max_rl=3 --rl_samples=3
               --se_max_tokens=128 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
               --inner_lr=3e-3 --inner_epochs=15 --inner_batch=16 --eval_times=1 --answer_tokens=24
