@@ -119,7 +119,7 @@ def test_squad_selection_is_the_seeded_shuffle(tmp_path):
 @pytest.mark.skipif(not SEAL_REF.exists(), reason="../shared/seal-ref absent")
 def test_the_official_passage_files_load_in_our_format():
     ev = kn.load_passages(SEAL_REF / "eval_200_passages.json")
-    assert len(ev) == 200 and sum(len(p["questions"]) for p in ev) == 974  # seal-reference 2
+    assert len(ev) == 200 and sum(len(p["questions"]) for p in ev) == 974  # docs/official.md §2.1
     for name in ("restem_round1_train_50_passages.json", "restem_round2_train_50_passages.json"):
         assert len(kn.load_passages(SEAL_REF / name)) == 50
 
