@@ -2,7 +2,8 @@
 # SEAL reference implementation: the one entry script.
 #   bash train.sh arc [run|filter|policy] [--key=value ...]   SEAL on ARC: the paper preset on a GPU, the tiny
 #                                         preset on CPU; the preset applies to every subcommand
-#   bash train.sh knowledge [run|filter|forget] [--key=value ...]   SEAL on knowledge incorporation, likewise
+#   bash train.sh knowledge [run|filter|prompts|reliability|forget|squad] [--key=value ...]   SEAL on knowledge
+#                                         incorporation, likewise
 #   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
 #   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (bench.py)
 #   bash train.sh gpu-check [OUT_DIR] [--key=value ...]   all the GPU measurements in timed stages (gpu_check.py)
@@ -95,7 +96,7 @@ case "$cmd" in
   knowledge)
     setup
     sub=run
-    case "${1:-}" in run|filter|forget|squad) sub=$1; shift ;; esac
+    case "${1:-}" in run|filter|prompts|reliability|forget|squad) sub=$1; shift ;; esac
     if has_gpu; then  # the paper's setting (docs/official.md §2): Qwen2.5-7B base, bf16, the paper's
       # inner loop; the fictional passages unless --eval_data/--rl_data name the SQuAD selections (docs/knowledge.md)
       preset=(--model=Qwen/Qwen2.5-7B --out=runs/knowledge-paper)
