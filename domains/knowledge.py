@@ -17,12 +17,8 @@ default is data/knowledge/: passages about fictional people, places and things, 
 beforehand and every gain is knowledge the inner loop put into the weights.
 """
 import json
-import random
-import re
-import string
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +28,10 @@ import lora
 import sampling
 import seal
 import settings
+from domains.knowledge_text import (CONTROLS, DATA, GRADERS, SELF_QA_START, answer_coverage, judge_says_yes,
+                                    lenient, load_passages, qa_pair, question_prompt, self_edit_lines,
+                                    self_edit_prompt, squad_selection, training_texts)
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "knowledge"
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -91,169 +89,7 @@ class KnowledgeConfig(seal.RunConfig):
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-
-def load_passages(path, n=None, what="data"):
-    """A JSON list in the official format, checked: a bad file stops the run here with the reason."""
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"--{what}={path}: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--{what}={path}: not JSON ({e})") from None
-    if not isinstance(data, list):
-        raise SystemExit(f"--{what}={path}: expected a JSON list of passages")
-    for i, d in enumerate(data):
-        ok = (isinstance(d, dict) and isinstance(d.get("title"), str) and isinstance(d.get("context"), str)
-              and d["context"].strip() and isinstance(d.get("questions"), list))
-        if not ok:
-            raise SystemExit(f"--{what}={path}: passage {i} needs a title, a non-empty context and a questions list")
-        if not d["questions"]:
-            raise SystemExit(f"--{what}={path}: passage {i} ({d['title']!r}) has no questions")
-        for q in d["questions"]:
-            if not (isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)
-                    and q["answer"].strip()):
-                raise SystemExit(f"--{what}={path}: passage {i} ({d['title']!r}): each question needs a question "
-                                 f"and a non-empty answer string")
-    if n is not None and n > len(data):
-        raise SystemExit(f"--{what}={path} has {len(data)} passages, {n} asked for")
-    return data[:n] if n is not None else data
-
-
-def squad_selection(squad_file, seed=42, start=0, n=200):
-    """The paper's passages from a SQuAD v1.1 file: every (title, paragraph) with its questions (first answer),
-    shuffled with random.seed(seed), then [start:start+n] (docs/official.md §2.1: dev, first 200 for evaluation)."""
-    raw = json.loads(Path(squad_file).read_text())["data"]
-    out = [{"title": a["title"], "context": p["context"],
-            "questions": [{"question": q["question"], "answer": q["answers"][0]["text"]} for q in p["qas"]]}
-           for a in raw for p in a["paragraphs"]]
-    random.seed(seed)
-    random.shuffle(out)
-    return out[start:start + n]
-
-
-# -----------------------------------------------------------------------------
-# Prompts (docs/official.md §2.2; the project's own words) and self-edit -> training sequences
-
-PROMPTS = {
-    "implications": ("Read the passage and list what follows from it: facts it states and conclusions you can "
-                     "draw from them, one per line.", "Implications:"),
-    "implications-long": ("Read the passage and list everything that follows from it, in detail: every fact it "
-                          "states, restated in its own sentence, and every conclusion drawn from them, one per "
-                          "line.", "Implications:"),
-    "rewrite": ("Rewrite the passage in several different ways, keeping every fact, one rewrite per line.",
-                "Rewrites:"),
-    "self-qa": ("Write questions about the passage, each followed by its answer, covering every fact in it.",
-                "Questions and answers:"),
-}
-SELF_QA_START = "Question 1: "  # a self-qa completion starts here (official)
-
-
-def self_edit_prompt(passage, variant):
-    """(instruction with the passage, answer header): the plain-text prompt is their concatenation."""
-    if variant not in PROMPTS:
-        raise SystemExit(f"--prompt={variant!r}: expected one of {', '.join(PROMPTS)}")
-    ask, header = PROMPTS[variant]
-    return f"{ask}\n\nPassage:\n{passage['title']}\n{passage['context']}", header
-
-
-def self_edit_lines(text, variant):
-    """The self-edit's training texts, as the official run splits them: on '---', then one per non-empty line
-    (a first preamble line is dropped when the list starts on line 2 with '1.'); self-qa splits at 'Question N:'."""
-    if variant == "self-qa":
-        parts = re.split(r"(?=Question \d+:)", text)
-        return [p.strip() for p in parts if p.strip()]
-    out = []
-    for chunk in text.split("---"):
-        lines = [ln.strip() for ln in chunk.splitlines() if ln.strip()]
-        if len(lines) > 1 and lines[1].startswith("1."):
-            lines = lines[1:]
-        out += lines
-    return out
-
-
-def training_texts(passage, text, variant):
-    """Each self-edit line prefixed with the title, then the passage itself (always trained; alone for the
-    'train on passage' row, where the self-edit is empty)."""
-    lines = self_edit_lines(text, variant) if text else []
-    return [f"{passage['title']}\n{line}" for line in lines] + [f"{passage['title']}\n{passage['context']}"]
-
-
-def passage_sentences(passage):
-    """The passage's own sentences, one per line: a control self-edit that restates and invents nothing."""
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", passage["context"].strip())
-    return "\n".join(s.strip() for s in parts if s.strip())
-
-
-def gold_qa(passage):
-    """The passage's own questions with their gold answers, one pair per line: a control that has seen the test,
-    so an upper bound on what any self-edit text can teach, never a method."""
-    return "\n".join(f"Question {i}: {q['question']} Answer: {q['answer']}"
-                     for i, q in enumerate(passage["questions"], 1))
-
-
-CONTROLS = {"sentences": passage_sentences, "gold_qa": gold_qa}
-QA_LINE = re.compile(r"^(?:Q(?:uestion)?\s*\d*\s*[:.)]\s*)?(?P<q>[^\n]*?\?)\s*(?:the\s+)?A(?:nswer)?\s*\d*\s*[:.)]\s*"
-                     r"(?P<a>.*\S)", re.S | re.I)
-
-
-def qa_pair(line):
-    """(question, answer) when a self-edit line is a question followed by its answer ("Question 2: Who built it?
-    Answer: Lionel."), else None."""
-    m = QA_LINE.match(line.strip())
-    return (m["q"].strip(), m["a"].strip()) if m else None
-
-
-def question_prompt(passage, q):
-    """The question without the passage; short answers are what the graders can check."""
-    return f"Answer with a few words only.\nTopic: {passage['title']}\nQuestion: {q['question']}", "Answer:"
-
-
-# -----------------------------------------------------------------------------
-# Grading with no API key: SQuAD v1.1's own answer normalisation, exact match and token F1, and a lenient match
-
-
-def normalize(s):
-    """SQuAD's normalize_answer: lower case, no punctuation, no articles, single spaces."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def exact(pred, gold):
-    return float(normalize(pred) == normalize(gold))
-
-
-def f1(pred, gold):
-    p, g = normalize(pred).split(), normalize(gold).split()
-    same = sum((Counter(p) & Counter(g)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(p), same / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
-def lenient(pred, gold):
-    """The normalised gold answer appears, as whole words, in the normalised prediction: "In 1908 it opened"
-    answers "1908". Empty gold or prediction is wrong."""
-    p, g = normalize(pred), normalize(gold)
-    return float(bool(g) and bool(p) and f" {g} " in f" {p} ")
-
-
-GRADERS = {"exact": exact, "f1": f1, "lenient": lenient}
-
-
-def answer_coverage(passage, text):
-    """The share of the passage's gold answers that a self-edit's text states (lenient match): a diagnostic of how
-    faithfully it restates the facts asked about, computed without any training. Never a reward here."""
-    return sum(lenient(text, q["answer"]) for q in passage["questions"]) / len(passage["questions"])
-
-
-def judge_says_yes(reply):
-    """The official rule: yes only if "yes" appears and "no" does not."""
-    words = re.findall(r"[a-z]+", reply.lower())
-    return "yes" in words and "no" not in words
+# --grader=judge: a local model as the judge (the data, prompts and other graders are in domains/knowledge_text.py)
 
 
 class Judge:
@@ -557,7 +393,7 @@ def filter_configs(argv):
 
 @dataclass
 class PromptsConfig(KnowledgeConfig):
-    prompts: str = "implications,rewrite,self-qa"   # the prompt variants to compare (PROMPTS)
+    prompts: str = "implications,rewrite,self-qa"   # the prompt variants to compare (knowledge_text.PROMPTS)
     temperatures: str = "1.0,0.7"                  # the sampling temperatures to compare
     n_passages: int = 6                           # RL passages (the first n of rl_data)
 

@@ -1,7 +1,10 @@
-"""Knowledge incorporation (domains/knowledge.py): graders, self-edit splitting, the shipped data, and the domain
-through the shared loop on a tiny random model (end to end, resume, CPT, forgetting, bad input)."""
+"""Knowledge incorporation (domains/knowledge_text.py, domains/knowledge.py): graders, self-edit splitting, the
+shipped data, and the domain through the shared loop on a tiny random model (end to end, resume, CPT, forgetting,
+bad input)."""
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import seal
 import settings
 from conftest import ROOT
 from domains import knowledge as kn
+from domains import knowledge_text as kt
 
 SEAL_REF = ROOT.parent / "shared" / "seal-ref" / "knowledge"
 
@@ -24,7 +28,7 @@ SEAL_REF = ROOT.parent / "shared" / "seal-ref" / "knowledge"
     ("The Cat's  hat!", "cats hat"), ("An apple, a pear and THE end.", "apple pear and end"),
     ("  1,908 ", "1908"), ("theatre anthem", "theatre anthem"), ("", "")])
 def test_normalize_as_squad(text, norm):
-    assert kn.normalize(text) == norm
+    assert kt.normalize(text) == norm
 
 
 @pytest.mark.parametrize("pred, gold, em, f1, lenient", [
@@ -37,14 +41,19 @@ def test_normalize_as_squad(text, norm):
     ("red red red", "red", 0, 0.5, 1),                                   # SQuAD counts common tokens with Counter
 ])
 def test_graders_pinned(pred, gold, em, f1, lenient):
-    assert kn.exact(pred, gold) == em
-    assert kn.f1(pred, gold) == pytest.approx(f1)
-    assert kn.lenient(pred, gold) == lenient
+    assert kt.exact(pred, gold) == em
+    assert kt.f1(pred, gold) == pytest.approx(f1)
+    assert kt.lenient(pred, gold) == lenient
 
 
 def test_judge_reply_rule():
-    assert kn.judge_says_yes("Yes.") and kn.judge_says_yes("yes, it does")
-    assert not kn.judge_says_yes("Yes and no") and not kn.judge_says_yes("No") and not kn.judge_says_yes("")
+    assert kt.judge_says_yes("Yes.") and kt.judge_says_yes("yes, it does")
+    assert not kt.judge_says_yes("Yes and no") and not kt.judge_says_yes("No") and not kt.judge_says_yes("")
+
+
+def test_the_text_toolkit_needs_no_torch():
+    code = "import sys, domains.knowledge_text; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 # -----------------------------------------------------------------------------
@@ -55,20 +64,20 @@ P = {"title": "Gannet Clock Tower", "context": "It was built in 1908.", "questio
 
 def test_implication_lines_drop_the_preamble_and_split_on_dashes():
     text = "Here are some implications:\n1. It is old.\n\n2. It has a gannet.\n---\nIt stands on a pier.\n"
-    assert kn.self_edit_lines(text, "implications") == ["1. It is old.", "2. It has a gannet.", "It stands on a pier."]
-    assert kn.self_edit_lines("A.\nB.", "rewrite") == ["A.", "B."]           # no "1." on line 2: nothing dropped
-    assert kn.self_edit_lines("  \n\n", "implications") == []
+    assert kt.self_edit_lines(text, "implications") == ["1. It is old.", "2. It has a gannet.", "It stands on a pier."]
+    assert kt.self_edit_lines("A.\nB.", "rewrite") == ["A.", "B."]           # no "1." on line 2: nothing dropped
+    assert kt.self_edit_lines("  \n\n", "implications") == []
 
 
 def test_self_qa_splits_at_question_numbers():
     text = "Question 1: When? Answer: 1908.\nQuestion 2: Who?\nAnswer: Lionel."
-    assert kn.self_edit_lines(text, "self-qa") == ["Question 1: When? Answer: 1908.", "Question 2: Who?\nAnswer: Lionel."]
+    assert kt.self_edit_lines(text, "self-qa") == ["Question 1: When? Answer: 1908.", "Question 2: Who?\nAnswer: Lionel."]
 
 
 def test_training_texts_prefix_the_title_and_end_with_the_passage():
-    assert kn.training_texts(P, "It is old.\nIt chimes.", "implications") == [
+    assert kt.training_texts(P, "It is old.\nIt chimes.", "implications") == [
         "Gannet Clock Tower\nIt is old.", "Gannet Clock Tower\nIt chimes.", "Gannet Clock Tower\nIt was built in 1908."]
-    assert kn.training_texts(P, "", "implications") == ["Gannet Clock Tower\nIt was built in 1908."]  # passage only
+    assert kt.training_texts(P, "", "implications") == ["Gannet Clock Tower\nIt was built in 1908."]  # passage only
 
 
 # -----------------------------------------------------------------------------
@@ -76,14 +85,14 @@ def test_training_texts_prefix_the_title_and_end_with_the_passage():
 
 
 def test_shipped_data_is_well_formed_and_disjoint():
-    ev = kn.load_passages(kn.DATA / "fictional-eval.json")
-    rl = kn.load_passages(kn.DATA / "fictional-rl.json")
+    ev = kt.load_passages(kt.DATA / "fictional-eval.json")
+    rl = kt.load_passages(kt.DATA / "fictional-rl.json")
     assert len(ev) + len(rl) >= 60 and len(ev) >= 20
     # Evaluation passages keep 5 questions, the format of held-out passages; RL passages carry more, because with
     # 5 the reward moves in steps of 0.2 and is too coarse to tell self-edits apart.
     assert all(len(p["questions"]) == 5 for p in ev) and all(len(p["questions"]) >= 5 for p in rl)
     for p in ev + rl:
-        assert len({kn.normalize(q["answer"]) for q in p["questions"]}) == len(p["questions"])  # one fact each
+        assert len({kt.normalize(q["answer"]) for q in p["questions"]}) == len(p["questions"])  # one fact each
         for q in p["questions"]:
             assert q["answer"] in p["context"] and q["answer"].lower() not in q["question"].lower()
     assert not {p["title"] for p in ev} & {p["title"] for p in rl}
@@ -99,7 +108,7 @@ def test_bad_data_files_stop_with_the_reason(tmp_path, content, message):
     f = tmp_path / "bad.json"
     f.write_text(content)
     with pytest.raises(SystemExit, match=message):
-        kn.load_passages(f, what="eval_data")
+        kt.load_passages(f, what="eval_data")
 
 
 def test_squad_selection_is_the_seeded_shuffle(tmp_path):
@@ -108,7 +117,7 @@ def test_squad_selection_is_the_seeded_shuffle(tmp_path):
         for p in range(3)]} for a in range(4)]}
     f = tmp_path / "squad.json"
     f.write_text(json.dumps(raw))
-    sel = kn.squad_selection(f, seed=42, start=0, n=5)
+    sel = kt.squad_selection(f, seed=42, start=0, n=5)
     import random
     flat = [f"c{a}.{p}" for a in range(4) for p in range(3)]
     random.seed(42)
@@ -118,10 +127,10 @@ def test_squad_selection_is_the_seeded_shuffle(tmp_path):
 
 @pytest.mark.skipif(not SEAL_REF.exists(), reason="../shared/seal-ref absent")
 def test_the_official_passage_files_load_in_our_format():
-    ev = kn.load_passages(SEAL_REF / "eval_200_passages.json")
+    ev = kt.load_passages(SEAL_REF / "eval_200_passages.json")
     assert len(ev) == 200 and sum(len(p["questions"]) for p in ev) == 974  # docs/official.md §2.1
     for name in ("restem_round1_train_50_passages.json", "restem_round2_train_50_passages.json"):
-        assert len(kn.load_passages(SEAL_REF / name)) == 50
+        assert len(kt.load_passages(SEAL_REF / name)) == 50
 
 
 # -----------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def test_the_official_passage_files_load_in_our_format():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_chat_dir):
-    ev, rl = kn.load_passages(kn.DATA / "fictional-eval.json", 2), kn.load_passages(kn.DATA / "fictional-rl.json", 2)
+    ev, rl = kt.load_passages(kt.DATA / "fictional-eval.json", 2), kt.load_passages(kt.DATA / "fictional-rl.json", 2)
     (tiny_chat_dir / "ev.json").write_text(json.dumps(ev))
     (tiny_chat_dir / "rl.json").write_text(json.dumps(rl))
     return tiny_chat_dir
@@ -173,7 +182,7 @@ def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     table = {r["row"]: r for r in res["rows"]}
     assert list(table) == ["base", "passage", "sentences", "gold_qa", "self_edit", "cpt", "seal"]  # no teacher
     controls = [r for r in recs_of(tmp_path / "a") if r["phase"] in ("sentences", "gold_qa")]
-    assert all(r["text"] == kn.CONTROLS[r["phase"]](json.loads((tiny / "ev.json").read_text())[int(r["item"][1:])])
+    assert all(r["text"] == kt.CONTROLS[r["phase"]](json.loads((tiny / "ev.json").read_text())[int(r["item"][1:])])
                for r in controls) and len(controls) == 4
     assert table["cpt"]["total"] == 2 and {"exact", "f1", "lenient"} <= set(table["base"]["metrics"])
     recs = [json.loads(x) for x in (tmp_path / "a" / "evals.jsonl").read_text().splitlines()]
@@ -266,11 +275,11 @@ QA_P = {"title": "Gannet Clock Tower", "context": "It was built in 1908 by Lione
 
 
 def test_ceiling_controls_restate_the_passage_and_its_questions():
-    assert kn.passage_sentences(QA_P).splitlines() == [
+    assert kt.passage_sentences(QA_P).splitlines() == [
         "It was built in 1908 by Lionel Vantreight.", "It stands on the pier!", "Its bell weighs 2.5 tonnes."]
     for variant in ("implications", "self-qa"):  # one line per pair, whatever the prompt's splitting rule
-        lines = kn.self_edit_lines(kn.gold_qa(QA_P), variant)
-        assert [kn.qa_pair(x) for x in lines] == [(q["question"], q["answer"]) for q in QA_P["questions"]]
+        lines = kt.self_edit_lines(kt.gold_qa(QA_P), variant)
+        assert [kt.qa_pair(x) for x in lines] == [(q["question"], q["answer"]) for q in QA_P["questions"]]
 
 
 @pytest.mark.parametrize("line, pair", [
@@ -280,14 +289,14 @@ def test_ceiling_controls_restate_the_passage_and_its_questions():
     ("Question 1: \nWho keeps it?\nThe answer: Marta", ("Who keeps it?", "Marta")),  # as SmolLM2 writes them
     ("It was built in 1908.", None), ("Question 1: Who built it? Answer:", None), ("Answer: 1908", None)])
 def test_qa_pair_parses_a_question_and_its_answer(line, pair):
-    assert kn.qa_pair(line) == pair
+    assert kt.qa_pair(line) == pair
 
 
 def test_the_qa_frame_trains_a_pair_as_the_question_the_evaluation_asks(tiny):
     tok = checkpoint.load(str(tiny))[1]
     dom = kn.Knowledge(config(tiny, "unused", frame="qa"), tok)
     seqs = dom.sequences(QA_P, "Question 1: When was the Gannet Clock Tower built? Answer: 1908\nIt is old.")
-    asked = dom._text(tok, *kn.question_prompt(QA_P, QA_P["questions"][0]))
+    asked = dom._text(tok, *kt.question_prompt(QA_P, QA_P["questions"][0]))
     assert [tok.decode(ids) for _, ids in seqs] == [
         asked + "1908<|im_end|>", "Gannet Clock Tower\nIt is old.<|im_end|>",
         f"Gannet Clock Tower\n{QA_P['context']}<|im_end|>"]
@@ -309,7 +318,7 @@ def test_loglik_reward_is_higher_after_learning_the_gold_answers(smollm2_dir, tm
     after = {"untrained": dom.answer_loglik(learner.policy(), QA_P)}
     for name, taught in (("gold", QA_P), ("wrong", wrong)):
         learner.adapter.reset()
-        dom.train(learner.m, learner.adapter, dom.sequences(QA_P, kn.gold_qa(taught)), seed=0)
+        dom.train(learner.m, learner.adapter, dom.sequences(QA_P, kt.gold_qa(taught)), seed=0)
         after[name] = dom.answer_loglik(learner.m, QA_P)
     assert after["gold"] > after["wrong"] + 1.0 and after["gold"] > after["untrained"] + 1.0, after
 
@@ -358,11 +367,11 @@ def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
 
 
 def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
-    assert kn.answer_coverage(QA_P, "Lionel Vantreight built it in 1908.") == 1.0
-    assert kn.answer_coverage(QA_P, "Built in 1909 by Lionel.") == 0.0 and kn.answer_coverage(QA_P, "In 1908.") == 0.5
+    assert kt.answer_coverage(QA_P, "Lionel Vantreight built it in 1908.") == 1.0
+    assert kt.answer_coverage(QA_P, "Built in 1909 by Lionel.") == 0.0 and kt.answer_coverage(QA_P, "In 1908.") == 0.5
     dom = kn.Knowledge(config(tiny, "unused"), checkpoint.load(str(tiny))[1])
     p = dom.passages["e000"]
-    recs = [{"item": "e000", "accuracy": {"lenient": 0.0}, "text": kn.gold_qa(p)},
+    recs = [{"item": "e000", "accuracy": {"lenient": 0.0}, "text": kt.gold_qa(p)},
             {"item": "e000", "accuracy": {"lenient": 0.0}, "text": "Nothing true."}]
     assert dom.metrics(recs)["answer_coverage"] == 0.5
 
@@ -374,5 +383,5 @@ def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
     assert list(out) == ["rewrite@1", "rewrite@0.5", "self-qa@1", "self-qa@0.5"]
     for res in out.values():
         assert len(res["texts"]) == 4 and 0 <= res["coverage"] <= res["best_of_k"] <= 1
-    assert all(t.startswith(kn.SELF_QA_START) for t in out["self-qa@1"]["texts"])
+    assert all(t.startswith(kt.SELF_QA_START) for t in out["self-qa@1"]["texts"])
     assert json.loads((tmp_path / "prompts.json").read_text()) == out
