@@ -478,7 +478,8 @@ def reliability(argv):
     t0, todo = time.time(), [(j, s) for j in jobs for s in range(cfg.retest_seeds)
                             if (f"seed{s}", j["item"], j["k"]) not in run.done]
     for i, (j, s) in enumerate(todo):
-        res = learner.evaluate(dom, j["item"], j["text"], seal.stable_seed(cfg.seed, "reliability", j["item"], j["k"], s))
+        seed = seal.stable_seed(cfg.seed, "reliability", j["item"], j["k"], s)
+        res = learner.evaluate(dom, j["item"], j["text"], seed)
         run.log({"phase": f"seed{s}", "item": j["item"], "k": j["k"], "text": j["text"], **res})
         eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
         print(f"{i + 1}/{len(todo)} {j['item']} #{j['k']} seed {s}: {cfg.grader} {res['reward']:.2f}, sampled "
