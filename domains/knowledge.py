@@ -124,7 +124,7 @@ class Knowledge(seal.Domain):
             seal.Row("cpt", "CPT: all passages' self-edits, one adapter", "41.0 (v2 50.6)", seal.POOLED),
             seal.Row("teacher", "Passage + teacher's self-edits", "46.3 (GPT-4.1)", seal.TEACHER),
             seal.Row("seal_r1", "SEAL, ReST-EM round 1", "42.7", seal.RL, after_round=1),
-            seal.Row("seal", "SEAL, ReST-EM round 2", "47.0", seal.RL))
+            seal.Row("seal", "SEAL, after the last round (--rounds)", "47.0 (round 2)", seal.RL))
 
     def __init__(self, cfg: KnowledgeConfig, tok):
         super().__init__(cfg, tok)
