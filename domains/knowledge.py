@@ -29,7 +29,7 @@ import sampling
 import seal
 import settings
 from domains.knowledge_text import (CONTROLS, DATA, GRADERS, SELF_QA_START, answer_coverage, judge_says_yes,
-                                    lenient, load_passages, qa_pair, question_prompt, self_edit_lines,
+                                    load_passages, qa_pair, question_prompt, self_edit_lines,
                                     self_edit_prompt, squad_selection, training_texts)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -141,6 +141,8 @@ class Knowledge(seal.Domain):
             raise SystemExit(f"--reward={cfg.reward!r}: expected accuracy, loglik or sampled")
         if cfg.reward == "sampled" and cfg.answer_samples < 1:
             raise SystemExit("--reward=sampled needs --answer_samples >= 1")
+        if cfg.answer_samples and cfg.grader == "judge":  # N sampled answers per question would need N judge calls
+            raise SystemExit("--answer_samples grades with exact, f1 or lenient, not --grader=judge")
         ev = load_passages(cfg.eval_data, cfg.n_eval or None, "eval_data")[:cfg.n_eval or cfg.max_eval or None]
         rl = load_passages(cfg.rl_data, cfg.n_rl * cfg.rounds or None, "rl_data")
         self.n_rl = cfg.n_rl or min(len(rl) // max(1, cfg.rounds), cfg.max_rl or len(rl))
@@ -205,7 +207,7 @@ class Knowledge(seal.Domain):
     def sampled_accuracy(self, m, passage, seed):
         """--grader's accuracy over --answer_samples answers per question sampled at temperature 1: the expected
         accuracy of the adapted model, in the form it answers in, graded finer than one greedy answer."""
-        n, grade = self.cfg.answer_samples, GRADERS.get(self.cfg.grader, lenient)
+        n, grade = self.cfg.answer_samples, GRADERS[self.cfg.grader]
         prompts = [self.tok.encode(self._text(self.tok, *question_prompt(passage, q))) for q in passage["questions"]]
         texts = sampling.generate(m, self.tok, prompts, max_new_tokens=self.cfg.answer_tokens, temperature=1.0, n=n,
                                   stop=("\n",), seed=seed, batch_size=max(1, self.cfg.eval_batch // n))

@@ -357,7 +357,8 @@ def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
 def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
     tok = checkpoint.load(str(tiny))[1]
     for bad, msg in (({"reward": "bleu"}, "--reward='bleu'"), ({"reward": "sampled"}, "needs --answer_samples"),
-                     ({"frame": "json"}, "--frame='json'")):
+                     ({"frame": "json"}, "--frame='json'"),
+                     ({"answer_samples": 4, "grader": "judge", "judge": "x"}, "not --grader=judge")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             kn.Knowledge(config(tiny, "unused", **bad), tok)
     recs = [{"item": "r0", "k": 0, "reward": 0.4, "loglik": -3.0, "sampled": 0.1},
