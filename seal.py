@@ -276,7 +276,32 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
             for j, it in enumerate(items) for k in range(n)]
 
 
-def evaluate_phase(run, learner, domain, phase, jobs, cfg):
+@dataclass
+class Progress:
+    """The whole run's ETA: evaluations left (all phases, all ranks) times this process's mean seconds per
+    evaluation so far, shared over the ranks. Sampling and M-steps are not counted, and early phases are cheaper
+    (no self-edit to train on), so it is a rough, usually low, estimate."""
+    total: int
+    done: int = 0                   # finished before this process started (read from the run folder)
+    world: int = 1
+    seconds: float = 0.0
+    n: int = 0
+
+    def tick(self, seconds) -> str:
+        self.n, self.seconds = self.n + 1, self.seconds + seconds
+        left = max(0, self.total - self.done - self.n * self.world)
+        return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(left / self.world * self.seconds / self.n)}"
+
+
+def planned_evaluations(domain, rows, cfg, last_round) -> int:
+    """How many inner-loop evaluations the run makes: every row's, and every ReST-EM round's."""
+    per_row = lambda row: (0 if row.source == POOLED else  # one training run on all items, not ticked
+                           len(domain.eval_items) * (cfg.eval_samples if row.source in (BASE, TEACHER, RL) else 1))
+    return (sum(per_row(row) for row in rows)
+            + sum(len(domain.rl_items_for_round(r)) * cfg.rl_samples for r in range(1, last_round + 1)))
+
+
+def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
     """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder; under torchrun
     this rank takes every world-th job (fixed by position, so it does not depend on what is done)."""
     ranks = run.ranks
@@ -296,8 +321,9 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg):
         run.log(rec)
         eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
         why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
+        whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
         print(f"{tag} {i + 1}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
-              f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}", flush=True)
+              f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
     run.sync()
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 
@@ -337,6 +363,9 @@ def run(cfg: RunConfig, domain_cls):
           f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items"
           + (f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""), flush=True)
     table = {}  # row key -> its evaluation records
+    rl_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
+    last_round = max((rl_round(row) for row in rows if row.source == RL), default=0)
+    progress = Progress(planned_evaluations(domain, rows, cfg, last_round), done=len(run_dir.done), world=ranks.world)
 
     def evaluate_row(row):
         """Every evaluation item's self-edit(s), from where row.source says, through the inner loop."""
@@ -349,7 +378,7 @@ def run(cfg: RunConfig, domain_cls):
             text = lambda it: (None if row.source == NONE else row.text if row.source == FIXED
                                else domain.control_text(row.key, it))
             return evaluate_phase(run_dir, learner, domain, phase, [{"item": it, "k": 0, "text": text(it)}
-                                                                    for it in items], cfg)
+                                                                    for it in items], cfg, progress)
 
         def make():  # BASE and RL: the policy as it is now; TEACHER: --teacher
             # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on
@@ -357,25 +386,24 @@ def run(cfg: RunConfig, domain_cls):
             m, tok = (checkpoint.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
                       if row.source == TEACHER else (learner.policy(), learner.tok))
             return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, ranks)
-        recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg)
+        recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg, progress)
         if ranks.main:
             print(f"[{phase}] valid self-edits {sum(r.get('valid', True) for r in recs)}/{len(recs)}, mean reward "
                   f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
         return recs
 
-    rl_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
     for row in rows:  # the rows on the base model (the rounds change its weights)
         if row.source != RL:
             table[row.key] = evaluate_row(row)
-    for r in range(1, max((rl_round(row) for row in rows if row.source == RL), default=0) + 1):
-        rest_em_round(run_dir, learner, domain, cfg, r)
+    for r in range(1, last_round + 1):
+        rest_em_round(run_dir, learner, domain, cfg, r, progress)
         for row in rows:  # the rows after this round
             if row.source == RL and rl_round(row) == r:
                 table[row.key] = evaluate_row(row)
     return report(run_dir, cfg, domain, rows, table)
 
 
-def rest_em_round(run_dir, learner, domain, cfg, r):
+def rest_em_round(run_dir, learner, domain, cfg, r, progress=None):
     """One ReST-EM round (paper section 3.1): sample self-edits for the round's RL items from the policy, reward
     each through the inner loop, keep the rewarded (E-step), fine-tune the policy on them (M-step). A round the
     run folder holds as finished is not run again: its policy is loaded."""
@@ -386,7 +414,7 @@ def rest_em_round(run_dir, learner, domain, cfg, r):
         jobs = run_dir.samples(phase, lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
                                                                  cfg.rl_samples, cfg, phase, run_dir.ranks,
                                                                  cfg.rl_temperature or cfg.se_temperature))
-        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg)  # reward: the inner loop per self-edit
+        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg, progress)  # reward: the inner loop
         kept = domain.select(recs)  # E-step
         if run_dir.ranks.main:
             print(f"[{phase}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
@@ -453,21 +481,41 @@ def report(run_dir, cfg, domain, rows, records):
 
 
 def compare(dirs):
+    """The headline rate of every row, per seed, with the mean and the sample sd over seeds; then each extra metric
+    the rows carry (a domain's `metrics`, e.g. knowledge's sampled accuracy) as mean +- sd over seeds."""
     results = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     keys = list(dict.fromkeys(r["row"] for res in results for r in res["rows"]))
+    row_of = lambda res, key: next((r for r in res["rows"] if r["row"] == key), None)
     print(f"{'row':<12}" + "".join(f"{'seed ' + str(res['seed']):>12}" for res in results) + f"{'mean':>9}{'sd':>7}"
           f"{'paper':>18}")
     out = {}
     for key in keys:
-        rates = [next((r["rate"] * 100 for r in res["rows"] if r["row"] == key), None) for res in results]
-        got = [x for x in rates if x is not None]
-        mean = sum(got) / len(got)
-        sd = (sum((x - mean) ** 2 for x in got) / (len(got) - 1)) ** 0.5 if len(got) > 1 else 0.0
+        rates = [row_of(res, key)["rate"] * 100 if row_of(res, key) else None for res in results]
+        mean, sd = mean_sd([x for x in rates if x is not None])
         paper = next(r["paper"] for res in results for r in res["rows"] if r["row"] == key)
-        out[key] = {"rates": rates, "mean": mean, "sd": sd, "paper": paper}
+        out[key] = {"rates": rates, "mean": mean, "sd": sd, "paper": paper, "metrics": {}}
         print(f"{key:<12}" + "".join(f"{x:>11.1f}%" if x is not None else f"{'-':>12}" for x in rates)
               + f"{mean:>8.1f}%{sd:>7.1f}{paper:>18}")
+    names = list(dict.fromkeys(k for res in results for r in res["rows"] for k in r.get("metrics") or {}))
+    if names:
+        print(f"\n{'row':<12}" + "".join(f"{n:>22}" for n in names) + "   (mean +- sd over seeds)")
+    for key in keys:
+        line = f"{key:<12}"
+        for n in names:
+            got = [row_of(res, key)["metrics"][n] for res in results
+                   if row_of(res, key) and n in (row_of(res, key).get("metrics") or {})]
+            if got:
+                out[key]["metrics"][n] = dict(zip(("mean", "sd"), mean_sd(got)), values=got)
+            line += f"{'%.3f +- %.3f' % mean_sd(got):>22}" if got else f"{'-':>22}"
+        if names:
+            print(line)
     return out
+
+
+def mean_sd(xs):
+    """The mean and the sample standard deviation (0 for a single value)."""
+    mean = sum(xs) / len(xs)
+    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The shared loop (seal.py) driven by a small fake domain whose reward is known: the E-step filter, the M-step on
 exactly the kept records, the report, resume, and the model's one owner. No ARC, no knowledge."""
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -98,7 +99,7 @@ def test_best_per_item_keeps_one_per_item_even_below_zero():
     assert seal.keep_rewarded(recs) == []
 
 
-def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path):
+def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path, capsys):
     Fake.calls.clear()
     Fake.crash_after = 7
     try:
@@ -109,9 +110,12 @@ def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path):
     done_before = len((tmp_path / "a" / "evals.jsonl").read_text().splitlines())
     assert done_before == 6
     Fake.calls.clear()
+    capsys.readouterr()
     resumed = seal.run(config(tiny_dir, tmp_path / "a"), Fake)
     total = 2 + 2 + 4 + 12 + 4
     assert len(Fake.calls) == total - done_before and len(set(Fake.calls)) == len(Fake.calls)
+    counts = re.findall(r"run (\d+)/(\d+), run ETA", capsys.readouterr().out)  # the whole run's progress
+    assert counts[0] == (str(done_before + 1), str(total)) and counts[-1] == (str(total), str(total))
     Fake.calls.clear()
     straight = seal.run(config(tiny_dir, tmp_path / "b"), Fake)
     assert len(Fake.calls) == total
@@ -217,10 +221,15 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
         d = tmp_path / f"s{seed}"
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
-            {"row": "base", "rate": rates[0], "paper": "32.7"}, {"row": "seal", "rate": rates[1], "paper": "47.0"}]}))
+            {"row": "base", "rate": rates[0], "paper": "32.7", "metrics": {"sampled": rates[0] / 2}},
+            {"row": "seal", "rate": rates[1], "paper": "47.0", "metrics": {}}]}))
     out = seal.compare([tmp_path / "s0", tmp_path / "s1"])
     assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
-    assert "seed 1" in capsys.readouterr().out
+    assert out["base"]["metrics"]["sampled"]["mean"] == pytest.approx(0.15)
+    assert out["base"]["metrics"]["sampled"]["sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert out["seal"]["metrics"] == {}  # a metric a row never carried is not invented
+    printed = capsys.readouterr().out
+    assert "seed 1" in printed and "0.150 +- 0.071" in printed
 
 
 class FreeFake(Fake):
