@@ -101,10 +101,15 @@ case "$cmd" in
       # inner loop; the fictional passages unless --eval_data/--rl_data name the SQuAD selections (docs/knowledge.md)
       preset=(--model=Qwen/Qwen2.5-7B --out=runs/knowledge-paper)
     else  # SmolLM2-135M on 2 CPU cores (docs/knowledge.md: "Presets")
-      preset=(--model=smollm2-135m --chat=true --out=runs/knowledge-tiny --max_eval=8 --max_rl=3 --rl_samples=3
-              --se_max_tokens=128 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-              --inner_lr=3e-3 --inner_epochs=15 --inner_batch=16 --eval_times=1 --answer_tokens=24
-              --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2 --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
+      # docs/knowledge.md "SEAL's effect at 135M": the paper's batch-1 inner loop on all 7 projections (where a
+      # self-edit's lines can teach), the rewrite prompt (the most answers covered), the sampled-accuracy reward
+      # (the one whose ranking survives a second inner-loop seed), bf16 (1.7x fp32 on this CPU)
+      preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=8 --max_rl=8
+              --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal_r1,seal
+              --prompt=rewrite --se_max_tokens=192 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+              --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
+              --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
+              --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
     fi
     launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
   -h|--help|help)  # the comment lines at the top, however many

@@ -82,5 +82,5 @@ def test_budget_skips_and_resume_keeps_finished_stages(tmp_path):
 
 def test_presets_come_from_train_sh():
     kn, arc = gpu_check.cpu_preset("knowledge"), gpu_check.cpu_preset("arc")
-    assert "--model=smollm2-135m" in kn and "--inner_epochs=15" in kn and "--chat=true" in kn
+    assert "--model=smollm2-135m" in kn and "--inner_epochs=10" in kn and "--chat=true" in kn
     assert "--split=tiny" in arc and "--max_examples=24" in arc and not any("Llama" in a for a in arc)
