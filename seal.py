@@ -278,19 +278,20 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
 
 @dataclass
 class Progress:
-    """The whole run's ETA: evaluations left (all phases, all ranks) times this process's mean seconds per
-    evaluation so far, shared over the ranks. Sampling and M-steps are not counted, and early phases are cheaper
-    (no self-edit to train on), so it is a rough, usually low, estimate."""
+    """The whole run's ETA: evaluations left (all phases, all ranks) times this process's mean seconds over its
+    last 8 evaluations (the first phases, with no self-edit to train on, are cheaper than the rest), shared over
+    the ranks. Sampling and M-steps are not counted: a rough estimate, on the low side."""
     total: int
     done: int = 0                   # finished before this process started (read from the run folder)
     world: int = 1
-    seconds: float = 0.0
     n: int = 0
+    recent: list = dataclasses.field(default_factory=list)
 
     def tick(self, seconds) -> str:
-        self.n, self.seconds = self.n + 1, self.seconds + seconds
+        self.n, self.recent = self.n + 1, (self.recent + [seconds])[-8:]
         left = max(0, self.total - self.done - self.n * self.world)
-        return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(left / self.world * self.seconds / self.n)}"
+        eta = left / self.world * sum(self.recent) / len(self.recent)
+        return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(eta)}"
 
 
 def planned_evaluations(domain, rows, cfg, last_round) -> int:
