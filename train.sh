@@ -110,6 +110,9 @@ case "$cmd" in
               --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
               --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
+      # two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards.
+      # A later --nproc=1 wins
+      if [ "$sub" = run ] && [ "$(nproc)" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
     fi
     launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
   -h|--help|help)  # the comment lines at the top, however many
