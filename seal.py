@@ -499,7 +499,7 @@ def compare(dirs):
               + f"{mean:>8.1f}%{sd:>7.1f}{paper:>18}")
     names = list(dict.fromkeys(k for res in results for r in res["rows"] for k in r.get("metrics") or {}))
     if names:
-        print(f"\n{'row':<12}" + "".join(f"{n:>22}" for n in names) + "   (mean +- sd over seeds)")
+        print(f"\n{'row':<12}" + "".join(f"{n:>16}" for n in names) + "   (mean +- sd over seeds)")
     for key in keys:
         line = f"{key:<12}"
         for n in names:
@@ -507,7 +507,7 @@ def compare(dirs):
                    if row_of(res, key) and n in (row_of(res, key).get("metrics") or {})]
             if got:
                 out[key]["metrics"][n] = dict(zip(("mean", "sd"), mean_sd(got)), values=got)
-            line += f"{'%.3f +- %.3f' % mean_sd(got):>22}" if got else f"{'-':>22}"
+            line += f"{'%.3f+-%.3f' % mean_sd(got):>16}" if got else f"{'-':>16}"
         if names:
             print(line)
     return out

@@ -229,7 +229,7 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
     assert out["base"]["metrics"]["sampled"]["sd"] == pytest.approx(0.0707, abs=1e-4)
     assert out["seal"]["metrics"] == {}  # a metric a row never carried is not invented
     printed = capsys.readouterr().out
-    assert "seed 1" in printed and "0.150 +- 0.071" in printed
+    assert "seed 1" in printed and "0.150+-0.071" in printed
 
 
 class FreeFake(Fake):
