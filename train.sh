@@ -110,9 +110,10 @@ case "$cmd" in
               --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
               --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
-      # two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards.
-      # A later --nproc=1 wins
-      if [ "$sub" = run ] && [ "$(nproc)" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
+      # two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards, and
+      # a later --nproc=1 wins (plain `nproc` would report OMP_NUM_THREADS when it is set)
+      cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+      if [ "$sub" = run ] && [ "$cores" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
     fi
     launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
   -h|--help|help)  # the comment lines at the top, however many
