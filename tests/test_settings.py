@@ -79,3 +79,4 @@ def test_train_sh_passes_help_through_with_its_preset():
                          env={**os.environ, "SEAL_VENV": sys.prefix}, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--max_eval=" in res.stdout and "--inner_lr=" in res.stdout
+    assert res.stdout.count("settings (KnowledgeConfig)") == 1  # --help is not sharded over processes
