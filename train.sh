@@ -106,8 +106,8 @@ case "$cmd" in
       # (the one whose ranking survives a second inner-loop seed), bf16 (1.7x fp32 on this CPU)
       preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=8 --max_rl=8
               --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal_r1,seal
-              --prompt=rewrite --se_max_tokens=192 --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-              --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
+              --prompt=rewrite --se_max_tokens=192
+              --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
               --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
       # two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards, and
