@@ -9,15 +9,14 @@ cloning; there is no value function, no baseline subtraction and no policy gradi
 
 This file holds what every domain shares and names none: the settings, the domain contract (Domain, Row), the
 model's one owner (Learner), the ReST-EM loop and the results table. Sampling lives in sampling.py, the run folder
-(resumable after kill -9) and torchrun's processes in run_folder.py. A domain (domains/arc.py,
-domains/knowledge.py) subclasses Domain and calls run().
+(resumable after kill -9) and torchrun's processes in run_folder.py, several runs' tables side by side in
+compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
 
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
     python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
 """
 import dataclasses
 import json
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -242,10 +241,9 @@ class Learner:
 
 
 def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperature=None):
-    """E-step sampling: n self-edits per item at `temperature` (default --se_temperature; one prefill per item). Each
-    item's
-    samples are seeded by the item alone, so they do not depend on the batching (--eval_batch) or, under torchrun,
-    on the number of processes: every rank samples every world-th item and all ranks gather the lot."""
+    """E-step sampling: n self-edits per item at `temperature` (default --se_temperature; one prefill per item).
+    Each item's samples are seeded by the item alone, so they do not depend on the batching (--eval_batch) or, under
+    torchrun, on the number of processes: every rank samples every world-th item and all ranks gather the lot."""
     temperature = cfg.se_temperature if temperature is None else temperature
     prompts = [domain.prompt_ids(it, tok) for it in items]
     rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
@@ -475,51 +473,3 @@ def report(run_dir, cfg, domain, rows, records):
               f"reward sum {r['rewarded']:.3g}; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result
-
-
-# -----------------------------------------------------------------------------
-# `python seal.py compare RUN_DIR...`: the tables of several runs (seeds) side by side, mean and spread per row.
-
-
-def compare(dirs):
-    """The headline rate of every row, per seed, with the mean and the sample sd over seeds; then each extra metric
-    the rows carry (a domain's `metrics`, e.g. knowledge's sampled accuracy) as mean +- sd over seeds."""
-    results = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
-    keys = list(dict.fromkeys(r["row"] for res in results for r in res["rows"]))
-    row_of = lambda res, key: next((r for r in res["rows"] if r["row"] == key), None)
-    print(f"{'row':<12}" + "".join(f"{'seed ' + str(res['seed']):>12}" for res in results) + f"{'mean':>9}{'sd':>7}"
-          f"{'paper':>18}")
-    out = {}
-    for key in keys:
-        rates = [row_of(res, key)["rate"] * 100 if row_of(res, key) else None for res in results]
-        mean, sd = mean_sd([x for x in rates if x is not None])
-        paper = next(r["paper"] for res in results for r in res["rows"] if r["row"] == key)
-        out[key] = {"rates": rates, "mean": mean, "sd": sd, "paper": paper, "metrics": {}}
-        print(f"{key:<12}" + "".join(f"{x:>11.1f}%" if x is not None else f"{'-':>12}" for x in rates)
-              + f"{mean:>8.1f}%{sd:>7.1f}{paper:>18}")
-    names = list(dict.fromkeys(k for res in results for r in res["rows"] for k in r.get("metrics") or {}))
-    if names:
-        print(f"\n{'row':<12}" + "".join(f"{n:>16}" for n in names) + "   (mean +- sd over seeds)")
-    for key in keys:
-        line = f"{key:<12}"
-        for n in names:
-            got = [row_of(res, key)["metrics"][n] for res in results
-                   if row_of(res, key) and n in (row_of(res, key).get("metrics") or {})]
-            if got:
-                out[key]["metrics"][n] = dict(zip(("mean", "sd"), mean_sd(got)), values=got)
-            line += f"{'%.3f+-%.3f' % mean_sd(got):>16}" if got else f"{'-':>16}"
-        if names:
-            print(line)
-    return out
-
-
-def mean_sd(xs):
-    """The mean and the sample standard deviation (0 for a single value)."""
-    mean = sum(xs) / len(xs)
-    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "compare":
-        raise SystemExit("usage: python seal.py compare RUN_DIR [RUN_DIR ...]")
-    compare(sys.argv[2:])

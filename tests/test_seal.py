@@ -9,6 +9,7 @@ import torch
 
 import lora
 import checkpoint
+import compare
 import sampling
 import settings
 import seal
@@ -223,7 +224,7 @@ def test_compare_puts_runs_side_by_side(tmp_path, capsys):
         (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
             {"row": "base", "rate": rates[0], "paper": "32.7", "metrics": {"sampled": rates[0] / 2}},
             {"row": "seal", "rate": rates[1], "paper": "47.0", "metrics": {}}]}))
-    out = seal.compare([tmp_path / "s0", tmp_path / "s1"])
+    out = compare.compare([tmp_path / "s0", tmp_path / "s1"])
     assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
     assert out["base"]["metrics"]["sampled"]["mean"] == pytest.approx(0.15)
     assert out["base"]["metrics"]["sampled"]["sd"] == pytest.approx(0.0707, abs=1e-4)
