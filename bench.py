@@ -55,17 +55,32 @@ SHAPES = {  # hub config.json fields of models measured with random weights (--m
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
-CARDS = {  # dense bf16 TFLOP/s and memory GB/s from the vendors' sheets, for MFU and the bandwidth share
-    "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0),
-    "L40S": (362.0, 864.0)}
+CARDS = {  # torch.cuda.get_device_name() less "NVIDIA ": dense bf16 TFLOP/s and memory GB/s from the vendors' sheets
+    "H200": (989.0, 4800.0), "H200 NVL": (835.0, 4800.0),  # the H200 (SXM) is the card this workplace lends
+    "H100 80GB HBM3": (989.0, 3350.0), "H100 PCIe": (756.0, 2000.0), "H100 NVL": (835.0, 3900.0),
+    "GH200 480GB": (989.0, 4000.0), "GH200 144G HBM3e": (989.0, 4900.0),
+    "A100-SXM4-80GB": (312.0, 2039.0), "A100-SXM4-40GB": (312.0, 1555.0), "A100 80GB PCIe": (312.0, 1935.0),
+    "A100-PCIE-40GB": (312.0, 1555.0), "L40S": (362.0, 864.0)}
+
+
+def card_peaks_of(name: str) -> tuple:
+    """(TFLOP/s, GB/s) of a card by its CUDA name, or (None, None). The exact name first; else the longest listed
+    name it begins with (an unlisted memory size of a listed card). Substrings would give the H100 NVL the H100's
+    peaks and the GH200 the H200's. A MIG slice has a share of its card's peaks that no sheet lists: none."""
+    name = name.strip().removeprefix("NVIDIA ")
+    if "MIG" in name.split():
+        return None, None
+    if name in CARDS:
+        return CARDS[name]
+    prefixes = [k for k in CARDS if name.startswith(k + " ")]
+    return CARDS[max(prefixes, key=len)] if prefixes else (None, None)
 
 
 def card_peaks(device) -> tuple:
-    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU or an unlisted card."""
+    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU, an unlisted card or a MIG slice."""
     if not device.startswith("cuda"):
         return None, None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in CARDS.items() if k in name), (None, None))
+    return card_peaks_of(torch.cuda.get_device_name(device))
 
 
 @dataclass

@@ -60,3 +60,17 @@ def test_bench_on_random_weights_of_a_shape(monkeypatch, tmp_path):
     assert "mfu_ours" not in il  # a CPU has no card peak: the measured matmul peak is its ceiling
     with pytest.raises(SystemExit, match="unknown shape"):
         bench.main(bench.parse_args(["--model=random:nope", "--only=sampling", "--out="]))
+
+
+def test_card_peaks_match_exact_names_first():
+    assert bench.card_peaks_of("NVIDIA H200") == (989.0, 4800.0)
+    assert bench.card_peaks_of("NVIDIA H200 NVL") == (835.0, 4800.0)  # not the H200's
+    assert bench.card_peaks_of("NVIDIA H100 NVL") == (835.0, 3900.0)  # not the H100's
+    assert bench.card_peaks_of("NVIDIA GH200 480GB") == (989.0, 4000.0)  # not the H200's 4800 GB/s
+    assert bench.card_peaks_of("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert bench.card_peaks_of("NVIDIA L40S") == (362.0, 864.0)
+    assert bench.card_peaks_of("NVIDIA H200 MIG 1g.18gb") == (None, None)  # a slice: not the whole card's
+    assert bench.card_peaks_of("NVIDIA A100-SXM4-40GB MIG 3g.20gb") == (None, None)
+    assert bench.card_peaks_of("NVIDIA RTX 4090") == (None, None)
+    assert bench.card_peaks_of("NVIDIA L40") == (None, None)  # not L40S's
+    assert bench.card_peaks_of("cpu") == (None, None)
