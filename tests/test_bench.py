@@ -74,3 +74,27 @@ def test_card_peaks_match_exact_names_first():
     assert bench.card_peaks_of("NVIDIA RTX 4090") == (None, None)
     assert bench.card_peaks_of("NVIDIA L40") == (None, None)  # not L40S's
     assert bench.card_peaks_of("cpu") == (None, None)
+
+
+def test_each_measurement_is_on_disk_as_soon_as_it_is_measured(tmp_path):
+    """gpu_check.py cuts a bench off at its cap: what it measured before must already be in --out."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "bench.py", "--model=random:tiny", "--only=inner_loop,sampling",
+                             "--examples=2", "--prompt_min=20", "--prompt_max=40", "--completion_max=12",
+                             "--samples=8", "--sample_tokens=4000", f"--out={out}"],  # a long sampling race
+                            cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0 = time.monotonic()
+        while not out.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert proc.poll() is None  # still sampling
+        saved = json.loads(out.read_text())
+        assert saved["inner_loop"]["steps"] == 1 and "sampling" not in saved
+    finally:
+        proc.kill()
+        proc.wait()
