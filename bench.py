@@ -29,12 +29,14 @@ import json
 import sys
 import time
 from dataclasses import dataclass, asdict
+from pathlib import Path
 
 import torch
 
 import checkpoint
 import lora
 import model as model_lib
+from run_folder import write_atomic
 from settings import device_and_dtype, parse_overrides
 from tokenizer import Tokenizer
 
@@ -55,17 +57,32 @@ SHAPES = {  # hub config.json fields of models measured with random weights (--m
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
-CARDS = {  # dense bf16 TFLOP/s and memory GB/s from the vendors' sheets, for MFU and the bandwidth share
-    "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0),
-    "L40S": (362.0, 864.0)}
+CARDS = {  # torch.cuda.get_device_name() less "NVIDIA ": dense bf16 TFLOP/s and memory GB/s from the vendors' sheets
+    "H200": (989.0, 4800.0), "H200 NVL": (835.0, 4800.0),  # the H200 (SXM) is the card this workplace lends
+    "H100 80GB HBM3": (989.0, 3350.0), "H100 PCIe": (756.0, 2000.0), "H100 NVL": (835.0, 3900.0),
+    "GH200 480GB": (989.0, 4000.0), "GH200 144G HBM3e": (989.0, 4900.0),
+    "A100-SXM4-80GB": (312.0, 2039.0), "A100-SXM4-40GB": (312.0, 1555.0), "A100 80GB PCIe": (312.0, 1935.0),
+    "A100-PCIE-40GB": (312.0, 1555.0), "L40S": (362.0, 864.0)}
+
+
+def card_peaks_of(name: str) -> tuple:
+    """(TFLOP/s, GB/s) of a card by its CUDA name, or (None, None). The exact name first; else the longest listed
+    name it begins with (an unlisted memory size of a listed card). Substrings would give the H100 NVL the H100's
+    peaks and the GH200 the H200's. A MIG slice has a share of its card's peaks that no sheet lists: none."""
+    name = name.strip().removeprefix("NVIDIA ")
+    if "MIG" in name.split():
+        return None, None
+    if name in CARDS:
+        return CARDS[name]
+    prefixes = [k for k in CARDS if name.startswith(k + " ")]
+    return CARDS[max(prefixes, key=len)] if prefixes else (None, None)
 
 
 def card_peaks(device) -> tuple:
-    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU or an unlisted card."""
+    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU, an unlisted card or a MIG slice."""
     if not device.startswith("cuda"):
         return None, None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in CARDS.items() if k in name), (None, None))
+    return card_peaks_of(torch.cuda.get_device_name(device))
 
 
 @dataclass
@@ -367,47 +384,69 @@ def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pa
 
 
 def arc_eval(cfg: Bench, device):
-    """One ARC self-edit evaluation with the tiny preset's oracle configuration, seconds per phase."""
+    return arc_evaluator(cfg, device)()
+
+
+def arc_evaluator(cfg: Bench, device, paper=False, max_examples=250):
+    """A function that runs one ARC self-edit evaluation on a model loaded once (a second call meets warm kernels
+    and compiled graphs), seconds per phase with steps and tokens beside them: the tiny preset's oracle
+    configuration on a tiny-split task (3x3 grids, compact text), or with paper=True the paper's (docs/official.md
+    §1: numpy-format grids, up to max_examples TTT examples, its oracle configuration) on a paper-split task, the
+    evaluation the official 30-45 s are for."""
     import seal
     from domains import arc
-    acfg = arc.ArcConfig(model=cfg.model, split="tiny", fmt="compact",
-                         max_examples=24, warmup=2, device=device, dtype=cfg.dtype, compile=cfg.compile)
+    if paper:
+        acfg = arc.ArcConfig(model=cfg.model, split="paper", fmt="numpy", max_examples=max_examples, device=device,
+                             dtype=cfg.dtype, compile=cfg.compile)
+    else:
+        acfg = arc.ArcConfig(model=cfg.model, split="tiny", fmt="compact", max_examples=24, warmup=2, device=device,
+                             dtype=cfg.dtype, compile=cfg.compile,
+                             oracle="basic+size+chain+repeat:output:3e-3:6")
     learner = seal.Learner(acfg, acfg.model)
     dom = arc.Arc(acfg, learner.tok)
-    edit = arc.SelfEdit.from_spec("basic+size+chain+repeat:output:3e-3:6").to_json()
+    edit = arc.SelfEdit.from_spec(acfg.oracle).to_json()
     item = dom.eval_items[0]
+    return lambda: timed_arc_eval(learner, dom, item, edit, "paper" if paper else "tiny")
+
+
+def timed_arc_eval(learner, dom, item, edit, config) -> dict:
     t0 = time.perf_counter()
     rec = learner.evaluate(dom, item, edit, seed=0)
     total = time.perf_counter() - t0
-    result = {"task": item, "examples": rec["examples"], "steps": rec["train"]["steps"],
+    result = {"config": config, "task": item, "examples": rec["examples"],
+              "steps": rec["train"]["steps"],
               "train_tokens": rec["train"]["tokens"], "seconds": total,
               "data_seconds": rec["data_seconds"], "train_seconds": rec["train"]["seconds"],
               "answer_seconds": rec["eval_seconds"], "train_tok_s": rec["train"]["tok_s"], "reward": rec["reward"]}
-    print(f"== arc_eval: {item}, {rec['examples']} TTT examples, {rec['train']['steps']} steps: {total:.1f}s "
+    print(f"== arc_eval ({result['config']}): {item}, {rec['examples']} TTT examples, {rec['train']['steps']} steps, "
+          f"{rec['train']['tokens']} tokens: {total:.1f}s "
           f"(data {rec['data_seconds']:.1f}s, training {rec['train']['seconds']:.1f}s, answers "
           f"{rec['eval_seconds']:.1f}s), reward {rec['reward']:g}", flush=True)
     return result
 
 
-def measure(cfg: Bench, name, device, dtype, only) -> dict:
-    """inner_loop, sampling and answers on one model, ours and transformers' holding the same weights."""
+def measure(cfg: Bench, name, device, dtype, only, result: dict, save) -> dict:
+    """inner_loop, sampling and answers on one model, ours and transformers' holding the same weights, each put
+    into result and saved as it is measured (a run cut off keeps what it measured: gpu_check.py's stages)."""
     if not {"sampling", "answers", "inner_loop"} & set(only):
-        return {}
+        return result
     ours, ref = build_models(name, cfg.seed, device, dtype)
     if cfg.compile:
         ours.compile_hot_paths()
-    result = {}
     if "inner_loop" in only:
         result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
+        save()
     tok = None if name.startswith("random:") else Tokenizer.from_dir(checkpoint.resolve(name))
     pad = ours.config.extra.get("eos_token_id", 0)
     pad = pad[0] if isinstance(pad, list) else pad
     if "sampling" in only:
         result["sampling"] = decode_race("sampling", device, ours, ref, [arc_prompt(tok, ours.config.vocab_size)],
                                          cfg.samples, cfg.sample_tokens, 0.8, pad)
+        save()
     if "answers" in only:
         result["answers"] = decode_race("answers", device, ours, ref, question_prompts(tok, ours.config.vocab_size),
                                         1, cfg.answer_tokens, 0.0, pad)
+        save()
     return result
 
 
@@ -423,19 +462,25 @@ def main(cfg: Bench):
     result = {"device": device if device == "cpu" else torch.cuda.get_device_name(),
               "threads": torch.get_num_threads(), "dtype": str(dtype), "model": cfg.model,
               "date": time.strftime("%Y-%m-%d"), "config": asdict(cfg)}
-    result.update(measure(cfg, cfg.model, device, dtype, only))
+
+    def save():  # after every measurement
+        if cfg.out:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(cfg.out), json.dumps(result, indent=2))
+
+    measure(cfg, cfg.model, device, dtype, only, result, save)
     if "arc_eval" in only:
         if cfg.model.startswith("random:"):
             print("== arc_eval: skipped (it needs a model with a tokenizer, not random:)", flush=True)
         else:
             result["arc_eval"] = arc_eval(cfg, device)
+            save()
     if device.startswith("cuda") and cfg.gpu_shape and cfg.model != f"random:{cfg.gpu_shape}":
         print(f"\n==== random weights of {cfg.gpu_shape}'s shape", flush=True)
-        result[f"random:{cfg.gpu_shape}"] = measure(cfg, f"random:{cfg.gpu_shape}", device, dtype, only)
+        measure(cfg, f"random:{cfg.gpu_shape}", device, dtype, only, result.setdefault(f"random:{cfg.gpu_shape}", {}),
+                save)
+    save()
     if cfg.out:
-        from pathlib import Path
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {cfg.out}")
     return result
 

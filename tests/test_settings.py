@@ -80,3 +80,13 @@ def test_train_sh_passes_help_through_with_its_preset():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--max_eval=" in res.stdout and "--inner_lr=" in res.stdout
     assert res.stdout.count("settings (KnowledgeConfig)") == 1  # --help is not sharded over processes
+
+
+def test_more_processes_than_gpus_exit_with_the_reason():
+    """torchrun --nproc_per_node=N puts process i on cuda:i (NCCL needs a GPU each): N above the GPU count must
+    stop with the reason, not with an invalid device ordinal or an NCCL error."""
+    assert settings.process_device(0, {"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == "cpu"  # gloo on the CPU
+    assert settings.process_device(2, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == "cuda:1"
+    assert settings.process_device(1, {}) == "cuda:0"  # no torchrun
+    with pytest.raises(SystemExit, match="--nproc=3 processes on a machine with 1 GPU"):
+        settings.process_device(1, {"LOCAL_WORLD_SIZE": "3", "LOCAL_RANK": "0"})  # every rank, rank 0 included
