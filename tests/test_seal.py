@@ -10,7 +10,6 @@ import torch
 
 import lora
 import checkpoint
-import compare
 import sampling
 import settings
 import seal
@@ -217,22 +216,6 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
     drawn = [tok.decode(x) for x in sampling.sample_template(m, tok, prompt, template, n=40, temperature=1.0, seed=1)]
     assert all(d in {f" answer={o}!" for o in options} for d in drawn)
     assert len(set(drawn)) > 1
-
-
-def test_compare_puts_runs_side_by_side(tmp_path, capsys):
-    for seed, rates in ((0, (0.2, 0.4)), (1, (0.4, 0.8))):
-        d = tmp_path / f"s{seed}"
-        d.mkdir()
-        (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
-            {"row": "base", "rate": rates[0], "paper": "32.7", "metrics": {"sampled": rates[0] / 2}},
-            {"row": "seal", "rate": rates[1], "paper": "47.0", "metrics": {}}]}))
-    out = compare.compare([tmp_path / "s0", tmp_path / "s1"])
-    assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
-    assert out["base"]["metrics"]["sampled"]["mean"] == pytest.approx(0.15)
-    assert out["base"]["metrics"]["sampled"]["sd"] == pytest.approx(0.0707, abs=1e-4)
-    assert out["seal"]["metrics"] == {}  # a metric a row never carried is not invented
-    printed = capsys.readouterr().out
-    assert "seed 1" in printed and "0.150+-0.071" in printed
 
 
 class FreeFake(Fake):
