@@ -127,6 +127,14 @@ class Domain:
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no pooled row")
 
+    def sample(self, m, tok, prompts, n, temperature, seeds) -> list:
+        """n self-edits (token ids) per prompt, prompt j's from seeds[j]: by the template when there is one (keys
+        forced, values the model's), else freely. A domain with another constrained format overrides this."""
+        if self.template is not None:
+            return [o for p, s in zip(prompts, seeds) for o in sample_template(m, tok, p, self.template, n,
+                                                                                temperature, seed=s)]
+        return generate_ids(m, tok, prompts, self.cfg.se_max_tokens, temperature, self.cfg.se_top_p, n, seed=seeds)
+
     def evaluation_seed(self, phase, item, k) -> int:
         """The seed evaluate() gets for self-edit k of `item` in `phase`. By default each self-edit's own (its
         name): its inner loop is an independent draw. A domain whose reward should be a function of (item,
@@ -265,12 +273,7 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
     mine = {}
     for b in range(0, len(own), size):
         batch = own[b:b + size]
-        if domain.template is not None:
-            outs = [o for i in batch for o in sample_template(m, tok, prompts[i], domain.template, n,
-                                                               temperature, seed=seeds[i])]
-        else:
-            outs = generate_ids(m, tok, [prompts[i] for i in batch], cfg.se_max_tokens, temperature,
-                                cfg.se_top_p, n, seed=[seeds[i] for i in batch])
+        outs = domain.sample(m, tok, [prompts[i] for i in batch], n, temperature, [seeds[i] for i in batch])
         mine.update({i: outs[j * n:(j + 1) * n] for j, i in enumerate(batch)})
     dt = time.time() - t0
     ntok = sum(len(o) for outs in mine.values() for o in outs)
