@@ -1,18 +1,33 @@
 """
 Several runs of one experiment (seeds) side by side: each row's headline rate per seed with the mean and the sample
 sd over seeds, then every extra metric the rows carry (knowledge's sampled accuracy, answer coverage, ...) as mean
-+- sd. It reads only the run folders' results.json.
++- sd (from results.json). Then paired differences between rows, from each evaluation's record (evals*.jsonl): for
+each row and each reference row (--against), the mean difference over the same items (passages, tasks) of the same
+runs, with a 95% cluster-bootstrap interval that resamples items, each with all its seeds' differences.
 
     python compare.py runs/kp-s0 runs/kp-s1 runs/kp-s2
+    python compare.py --against=base runs/arc-s0 runs/arc-s1          # ARC: against the base policy's row
+
+Pairing removes what two rows share: the item's difficulty and the run's seed. Inner-loop seeds are shared only
+where the domain seeds an evaluation by its item (ARC, docs/arc.md); knowledge draws one per self-edit, so its
+rows differ by their inner loops' noise too, and the interval includes it.
 """
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 
-def compare(dirs):
+AGAINST = "passage,self_edit"   # knowledge: the passage alone, the base policy's self-edits (docs/knowledge.md)
+MEASURES = {"reward": "the table's score (knowledge: greedy accuracy by --grader, lenient in the presets)",
+            "sampled": "accuracy over answers sampled at T=1 (knowledge --answer_samples)"}
+RESAMPLES, LEVEL, RNG_SEED = 10_000, 0.95, 0
+
+
+def compare(dirs, against=AGAINST):
     """The headline rate of every row, per seed, with the mean and the sample sd over seeds; then each extra metric
-    the rows carry (a domain's `metrics`, e.g. knowledge's sampled accuracy) as mean +- sd over seeds."""
+    the rows carry (a domain's `metrics`, e.g. knowledge's sampled accuracy) as mean +- sd over seeds; then the
+    paired differences (`paired`)."""
     results = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     keys = list(dict.fromkeys(r["row"] for res in results for r in res["rows"]))
     row_of = lambda res, key: next((r for r in res["rows"] if r["row"] == key), None)
@@ -39,7 +54,7 @@ def compare(dirs):
             line += f"{'%.3f+-%.3f' % mean_sd(got):>16}" if got else f"{'-':>16}"
         if names:
             print(line)
-    return out
+    return {"rows": out, "paired": paired(dirs, against.split(","), keys)}
 
 
 def mean_sd(xs):
@@ -48,7 +63,79 @@ def mean_sd(xs):
     return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
+# -----------------------------------------------------------------------------
+# Paired differences
+
+
+def item_scores(run_dir) -> dict:
+    """{measure: {row: {item: score}}} from a run folder's evaluation records: each item's mean over its self-edits
+    (k). A pooled record (item "all", knowledge's cpt row) has no per-item score and is left out."""
+    recs = {}
+    for f in sorted(Path(run_dir).glob("evals*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            recs[(r["phase"], r["item"], r["k"])] = r
+    sums = {}
+    for (row, item, _), r in recs.items():
+        for m in MEASURES:
+            if item != "all" and isinstance(r.get(m), (int, float)):
+                sums.setdefault(m, {}).setdefault(row, {}).setdefault(item, []).append(r[m])
+    return {m: {row: {it: sum(v) / len(v) for it, v in items.items()} for row, items in rows.items()}
+            for m, rows in sums.items()}
+
+
+def cluster_bootstrap(diffs, resamples=RESAMPLES, level=LEVEL, seed=RNG_SEED):
+    """diffs: (items, seeds) paired differences. The mean, and the percentile interval of the mean over `resamples`
+    resamples of the items with replacement, each resampled item bringing all its seeds' differences (the seeds of
+    one item are not independent: its difficulty is in all of them)."""
+    d = np.asarray(diffs, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    means = d[idx].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def paired(dirs, against, rows):
+    """For each measure, each row against each reference row: the differences over the items both rows have in the
+    runs that hold both, their mean and cluster-bootstrap interval. {measure: {ref: {row: {...}}}}."""
+    scores = [item_scores(d) for d in dirs]
+    out = {}
+    for m, what in MEASURES.items():
+        refs = [ref for ref in against if any(ref in s.get(m, {}) for s in scores)]
+        table = {}
+        for ref in refs:
+            for row in rows:
+                both = [s[m] for s in scores if row != ref and row in s.get(m, {}) and ref in s.get(m, {})]
+                items = sorted(set.intersection(*(set(b[row]) & set(b[ref]) for b in both))) if both else []
+                if items:
+                    diffs = [[b[row][it] - b[ref][it] for b in both] for it in items]
+                    mean, lo, hi = cluster_bootstrap(diffs)
+                    table.setdefault(ref, {})[row] = {"mean": mean, "lo": lo, "hi": hi, "items": len(items),
+                                                      "seeds": len(both)}
+        if not table:
+            continue
+        if not out:
+            print(f"\npaired differences, row - reference: the mean over items x seeds [its {LEVEL:.0%} interval, the "
+                  f"items resampled with their seeds {RESAMPLES} times] items x seeds")
+        out[m] = table
+        print(f"{m}: {what}")
+        print(f"{'row':<12}" + "".join(f"{'- ' + ref:>30}" for ref in table))
+        for row in rows:
+            cells = [table[ref].get(row) for ref in table]
+            if any(cells):
+                print(f"{row:<12}" + "".join(
+                    f"{'%+.3f [%+.3f, %+.3f] %dx%d' % (c['mean'], c['lo'], c['hi'], c['items'], c['seeds']):>30}"
+                    if c else f"{'-':>30}" for c in cells))
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python compare.py RUN_DIR [RUN_DIR ...]")
-    compare(sys.argv[1:])
+    args = sys.argv[1:]
+    opts = [a for a in args if a.startswith("--against=")]
+    dirs = [a for a in args if a not in opts]
+    if not dirs or len(opts) > 1 or any(a.startswith("--") for a in dirs):
+        raise SystemExit("usage: python compare.py [--against=ROW,ROW] RUN_DIR [RUN_DIR ...]")
+    compare(dirs, opts[0].split("=", 1)[1] if opts else AGAINST)

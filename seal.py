@@ -127,6 +127,25 @@ class Domain:
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no pooled row")
 
+    def sample(self, m, tok, prompts, n, temperature, seeds) -> list:
+        """n self-edits (token ids) per prompt, prompt j's from seeds[j]: by the template when there is one (keys
+        forced, values the model's), else freely. A domain with another constrained format overrides this."""
+        if self.template is not None:
+            return [o for p, s in zip(prompts, seeds) for o in sample_template(m, tok, p, self.template, n,
+                                                                                temperature, seed=s)]
+        return generate_ids(m, tok, prompts, self.cfg.se_max_tokens, temperature, self.cfg.se_top_p, n, seed=seeds)
+
+    def evaluation_seed(self, phase, item, k) -> int:
+        """The seed evaluate() gets for self-edit k of `item` in `phase`. By default each self-edit's own (its
+        name): its inner loop is an independent draw. A domain whose reward should be a function of (item,
+        self-edit), as ARC's official run, returns one seed per item (domains/arc.py)."""
+        return stable_seed(self.cfg.seed, phase, item, k)
+
+    def self_edit_key(self, text):
+        """What makes two self-edits the same (by default the text; ARC: the parsed configuration). The loop
+        evaluates jobs of one phase with the same item, key and evaluation_seed once (evaluate_phase)."""
+        return text
+
     def control_text(self, row_key, item) -> str:
         """The self-edit of a CONTROL row for one item: a text the domain writes, not the policy."""
         raise NotImplementedError(f"{type(self).__name__} has no control row {row_key!r}")
@@ -254,12 +273,7 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
     mine = {}
     for b in range(0, len(own), size):
         batch = own[b:b + size]
-        if domain.template is not None:
-            outs = [o for i in batch for o in sample_template(m, tok, prompts[i], domain.template, n,
-                                                               temperature, seed=seeds[i])]
-        else:
-            outs = generate_ids(m, tok, [prompts[i] for i in batch], cfg.se_max_tokens, temperature,
-                                cfg.se_top_p, n, seed=[seeds[i] for i in batch])
+        outs = domain.sample(m, tok, [prompts[i] for i in batch], n, temperature, [seeds[i] for i in batch])
         mine.update({i: outs[j * n:(j + 1) * n] for j, i in enumerate(batch)})
     dt = time.time() - t0
     ntok = sum(len(o) for outs in mine.values() for o in outs)
@@ -286,9 +300,10 @@ class Progress:
     recent: list = dataclasses.field(default_factory=list)
 
     def tick(self, seconds) -> str:
-        self.n, self.recent = self.n + 1, (self.recent + [seconds])[-8:]
+        """One evaluation done in `seconds` (None: a shared record, which took no time)."""
+        self.n, self.recent = self.n + 1, (self.recent + [seconds])[-8:] if seconds is not None else self.recent
         left = max(0, self.total - self.done - self.n * self.world)
-        eta = left / self.world * sum(self.recent) / len(self.recent)
+        eta = left / self.world * sum(self.recent) / max(1, len(self.recent))
         return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(eta)}"
 
 
@@ -300,29 +315,61 @@ def planned_evaluations(domain, rows, cfg, last_round) -> int:
             + sum(len(domain.rl_items_for_round(r)) * cfg.rl_samples for r in range(1, last_round + 1)))
 
 
+def first_occurrences(keys) -> list:
+    """For each position, the position of the first equal key."""
+    seen = {}
+    return [seen.setdefault(key, i) for i, key in enumerate(keys)]
+
+
+def job_record(phase, job, res) -> dict:
+    rec = {"phase": phase, "item": job["item"], "k": job["k"], "text": job["text"], **res}
+    if "ids" in job:  # the M-step trains on the sampled tokens
+        rec["prompt_ids"], rec["ids"] = job["prompt_ids"], job["ids"]
+    return rec
+
+
 def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
-    """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder; under torchrun
-    this rank takes every world-th job (fixed by position, so it does not depend on what is done)."""
+    """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder. Jobs that would
+    give the same evaluation (one item, one domain.self_edit_key, one domain.evaluation_seed) are evaluated once,
+    at the first of them in the phase's job list; each later one gets a copy of its record marked "shared_with":
+    its k. Under torchrun this rank takes every world-th of the distinct evaluations (by position, so it does not
+    depend on what is done) and writes their copies itself, so no rank waits on another before the phase's sync;
+    on a resume, a copy whose evaluation is in the run folder is written without evaluating again."""
     ranks = run.ranks
-    mine = jobs[ranks.rank::ranks.world]
-    todo = [j for j in mine if (phase, j["item"], j["k"]) not in run.done]
+    seeds = [domain.evaluation_seed(phase, j["item"], j["k"]) for j in jobs]
+    first = first_occurrences([(j["item"], domain.self_edit_key(j["text"]), s) for j, s in zip(jobs, seeds)])
+    copies = {}  # position of a distinct evaluation -> the positions that share its record
+    for c, f in enumerate(first):
+        copies.setdefault(f, []).extend([c] if c != f else [])
+    mine = list(copies)[ranks.rank::ranks.world]
+    done = lambda i: (phase, jobs[i]["item"], jobs[i]["k"]) in run.done
+    todo = [i for i in mine if not done(i)]
     tag = f"[{phase}]" if ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
     if todo:
-        print(f"{tag} {len(mine) - len(todo)}/{len(mine)} already done; evaluating {len(todo)}", flush=True)
-    t0 = time.time()
-    for i, j in enumerate(todo):
-        t1 = time.time()
-        res = learner.evaluate(domain, j["item"], j["text"], seed=stable_seed(cfg.seed, phase, j["item"], j["k"]))
-        rec = {"phase": phase, "item": j["item"], "k": j["k"], "text": j["text"], **res,
-               "seconds": round(time.time() - t1, 2)}
-        if "ids" in j:
-            rec["prompt_ids"], rec["ids"] = j["prompt_ids"], j["ids"]
-        run.log(rec)
-        eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
-        why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
-        whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
-        print(f"{tag} {i + 1}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
-              f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
+        print(f"{tag} {len(mine) - len(todo)}/{len(mine)} distinct self-edits already done; evaluating {len(todo)}",
+              flush=True)
+    t0, n = time.time(), 0
+    own = ("phase", "item", "k", "text", "prompt_ids", "ids", "seconds")  # what a shared record does not copy
+    for i in mine:
+        j = jobs[i]
+        if not done(i):
+            t1, n = time.time(), n + 1
+            res = learner.evaluate(domain, j["item"], j["text"], seed=seeds[i])
+            rec = job_record(phase, j, {**res, "seconds": round(time.time() - t1, 2)})
+            run.log(rec)
+            eta = (time.time() - t0) / n * (len(todo) - n)
+            why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
+            whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
+            print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
+                  f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
+        rec = run.done[(phase, j["item"], j["k"])]
+        for c in copies[i]:
+            if not done(c):  # written right after its evaluation, or on the resume after a kill between the two
+                shared = {key: v for key, v in rec.items() if key not in own}
+                run.log(job_record(phase, jobs[c], {**shared, "shared_with": j["k"], "seconds": 0.0}))
+                whole = f"; {progress.tick(None)}" if progress else ""
+                print(f"{tag} {j['item']} #{jobs[c]['k']}: the same self-edit as #{j['k']}, its record shared{whole}",
+                      flush=True)
     run.sync()
     return [run.done[(phase, j["item"], j["k"])] for j in jobs]
 

@@ -337,6 +337,18 @@ class Arc(seal.Domain):
         msgs = self_edit_prompt(self.tasks[item], self.cfg.fmt, self.lr_hint, self.epoch_hint)
         return tok.encode(tok.chat(msgs) + self.answer_prefix)
 
+    def evaluation_seed(self, phase, item, k):
+        """One TTT draw per task and run seed, whatever the self-edit and the row: the official run builds every
+        self-edit's data from RandomState(0) and trains it with the Trainer's seed 42 (docs/official.md §1.3, §1.5),
+        so its reward is a function of (task, configuration). With a seed per self-edit, two identical
+        configurations could score 1 and 0 (24 examples are memorised, so which 24 decides: docs/arc.md)."""
+        return seal.stable_seed(self.cfg.seed, item)
+
+    def self_edit_key(self, text):
+        """A self-edit is its configuration: texts that parse alike are evaluated once (seal.evaluate_phase)."""
+        edit = parse_self_edit(text)[0] if text is not None else None
+        return edit.to_json() if edit else text
+
     def evaluate(self, m, adapter, item, text, seed):
         """Reward of one self-edit (text None: no adaptation, the in-context baseline)."""
         cfg, task = self.cfg, self.tasks[item]
@@ -414,7 +426,7 @@ class FilterConfig(ArcConfig):
     max_side: int = 6
     skip: str = ""
     configs: str = "basic+size+chain+repeat:output:3e-3:2,basic+size+chain+repeat:all:1e-3:1"  # SelfEdit specs
-    seeds: str = "0"                # each seed draws other TTT examples, as each self-edit of a run does
+    seeds: str = "0"                # each seed draws other TTT examples, as each --seed of a run does
 
 
 def filter_tasks(argv):

@@ -75,8 +75,13 @@ PROMPTS = {
                 "Rewrites:"),
     "self-qa": ("Write questions about the passage, each followed by its answer, covering every fact in it.",
                 "Questions and answers:"),
+    "qa-lines": ("Write questions about the passage, each followed by its answer, covering every fact in it, one "
+                 "per line: Question: ...? Answer: ...", "Questions and answers:"),
 }
 SELF_QA_START = "Question 1: "  # a self-qa completion starts here (official)
+# --prompt=qa-lines: the sampler forces these markers and the model writes everything between them (a question up
+# to its "?", an answer up to the end of its line), so every line parses with qa_pair (domains/knowledge.py)
+QA_MARKS = ("Question:", "? Answer:", "\n")
 
 
 def self_edit_prompt(passage, variant):

@@ -54,7 +54,7 @@ class CountingArc(arc_domain.Arc):
     calls, crash = [], False
 
     def evaluate(self, m, adapter, item, text, seed):
-        CountingArc.calls.append((item, seed))
+        CountingArc.calls.append((item, text, seed))
         if len(CountingArc.calls) == 4 and CountingArc.crash:
             raise KeyboardInterrupt("injected failure")
         return super().evaluate(m, adapter, item, text, seed)
@@ -74,6 +74,7 @@ def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path):
     calls.clear()
     resumed = seal.run(config(tiny_dir, tmp_path / "a"), CountingArc)
     assert len(calls) == 6 - done_before and len(set(calls)) == len(calls)  # nothing evaluated twice
+    assert len({seed for item, _, seed in calls if item == SPLIT["eval"][0]}) == 1  # one TTT draw per task
     calls.clear()
     straight = seal.run(config(tiny_dir, tmp_path / "b"), CountingArc)
     assert len(calls) == 6
@@ -187,3 +188,23 @@ def test_views_too_long_for_max_len_are_skipped(tiny_dir):
         assert n == skipped and len(attempts) >= 1
     res = dom.evaluate(m, lora.inject(m, r=2, alpha=2), "5582e5ca", None, seed=0)  # no view fits: reward 0
     assert res["reward"] == 0 and res["queries_too_long"] == len(views)
+
+
+def test_self_edits_that_parse_alike_are_one_evaluation_on_one_draw(tiny_dir, tmp_path):
+    """ARC's reward is a function of (task, configuration), as the official run's: one seed per task whatever the
+    row or sample, and two texts of one configuration are evaluated once, the second sharing the first's record."""
+    cfg = config(tiny_dir, tmp_path)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = CountingArc(cfg, learner.tok)
+    edit = arc_domain.SelfEdit(True, False, False, False, "output", 1e-3, 1)
+    spaced = json.dumps(edit.to_dict(), indent=2) + " and some words after it"
+    assert dom.self_edit_key(spaced) == dom.self_edit_key(edit.to_json()) != dom.self_edit_key("{not json")
+    assert dom.evaluation_seed("base", "5582e5ca", 0) == dom.evaluation_seed("seal", "5582e5ca", 3)
+    assert dom.evaluation_seed("base", "5582e5ca", 0) != dom.evaluation_seed("base", "6150a2bd", 0)
+    jobs = [{"item": "5582e5ca", "k": k, "text": t} for k, t in enumerate([edit.to_json(), "{not json", spaced])]
+    CountingArc.calls.clear()
+    recs = seal.evaluate_phase(seal.RunFolder(cfg), learner, dom, "base", jobs, cfg)
+    assert [c[1] for c in CountingArc.calls] == [edit.to_json(), "{not json"]
+    assert recs[2]["shared_with"] == 0 and recs[2]["text"] == spaced and recs[2]["train"] == recs[0]["train"]
+    assert recs[2]["attempts"] == recs[0]["attempts"] and recs[2]["reward"] == recs[0]["reward"]
+    assert not recs[1]["valid"] and "shared_with" not in recs[1]

@@ -386,3 +386,24 @@ def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
         assert len(res["texts"]) == 4 and 0 <= res["coverage"] <= res["best_of_k"] <= 1
     assert all(t.startswith(kt.SELF_QA_START) for t in out["self-qa@1"]["texts"])
     assert json.loads((tmp_path / "prompts.json").read_text()) == out
+
+
+def test_qa_lines_force_the_markers_so_every_line_parses_and_the_qa_frame_trains_it(tiny):
+    """--prompt=qa-lines: whatever a (random) model writes between the forced markers, every line is a question and
+    its answer, and --frame=qa trains every line as the evaluation's question, answered (none falls back to plain)."""
+    cfg = config(tiny, "unused", prompt="qa-lines", frame="qa", qa_pairs=3, se_max_tokens=24, se_temperature=1.0)
+    learner = seal.Learner(cfg, cfg.model)
+    tok, dom = learner.tok, kn.Knowledge(cfg, learner.tok)
+    jobs = seal.sample_self_edits(learner.policy(), tok, dom, dom.rl_items, 3, cfg, "rl1")
+    assert len(jobs) == 6 and len({j["text"] for j in jobs}) == 6  # the words are the model's: samples differ
+    for j in jobs:
+        lines = kt.self_edit_lines(j["text"], cfg.prompt)
+        assert 1 <= len(lines) <= 3 and all(line.startswith("Question:") for line in lines)
+        pairs = [kt.qa_pair(line) for line in lines]
+        assert all(pairs), lines
+        p = dom.passages[j["item"]]
+        framed = [dom._text(tok, *kt.question_prompt(p, {"question": q})) + a for q, a in pairs]
+        seqs = dom.sequences(p, j["text"])
+        assert [ids for _, ids in seqs] == [tok.encode(t) + [tok.eos_id] for t in framed + [f"{p['title']}\n{p['context']}"]]
+    again = seal.sample_self_edits(learner.policy(), tok, dom, dom.rl_items[::-1], 3, cfg, "rl1")  # other batching
+    assert sorted(j["text"] for j in again) == sorted(j["text"] for j in jobs)

@@ -2,6 +2,7 @@
 exactly the kept records, the report, resume, and the model's one owner. No ARC, no knowledge."""
 import json
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -9,7 +10,6 @@ import torch
 
 import lora
 import checkpoint
-import compare
 import sampling
 import settings
 import seal
@@ -81,6 +81,7 @@ def test_the_loop_keeps_exactly_the_rewarded_and_clones_them(tiny_dir, tmp_path)
     assert m_step["examples"] == len(kept) and sorted(m_step["items"]) == sorted(r["item"] for r in kept)
     assert m_step["steps"] == 4 * -(-len(kept) // 2)  # 4 epochs of batches of 2
     assert all(r["untouched"] for r in recs)  # every evaluation started from a zero adapter
+    assert not any("shared_with" in r for r in recs)  # a seed per self-edit: equal texts are separate draws
     # the M-step cloned "yes": the merged policy prefers it more than the base model did
     assert p_yes(tmp_path / "policy-round1") > p_yes(tiny_dir) + 0.1
     table = {r["row"]: r for r in res["rows"]}
@@ -217,22 +218,6 @@ def test_template_sampling_follows_the_models_probabilities(tiny_dir):
     assert len(set(drawn)) > 1
 
 
-def test_compare_puts_runs_side_by_side(tmp_path, capsys):
-    for seed, rates in ((0, (0.2, 0.4)), (1, (0.4, 0.8))):
-        d = tmp_path / f"s{seed}"
-        d.mkdir()
-        (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
-            {"row": "base", "rate": rates[0], "paper": "32.7", "metrics": {"sampled": rates[0] / 2}},
-            {"row": "seal", "rate": rates[1], "paper": "47.0", "metrics": {}}]}))
-    out = compare.compare([tmp_path / "s0", tmp_path / "s1"])
-    assert out["base"]["mean"] == pytest.approx(30) and out["seal"]["sd"] == pytest.approx(28.284, abs=1e-3)
-    assert out["base"]["metrics"]["sampled"]["mean"] == pytest.approx(0.15)
-    assert out["base"]["metrics"]["sampled"]["sd"] == pytest.approx(0.0707, abs=1e-4)
-    assert out["seal"]["metrics"] == {}  # a metric a row never carried is not invented
-    printed = capsys.readouterr().out
-    assert "seed 1" in printed and "0.150+-0.071" in printed
-
-
 class FreeFake(Fake):
     template = None  # free text: sampled with sampling.generate_ids
 
@@ -257,3 +242,111 @@ def test_the_e_step_samples_at_its_own_temperature(tiny_dir, tmp_path):
         return [j["text"] for j in json.loads((tmp_path / str(t) / "samples-rl1.json").read_text())]
     same, explicit, hot = rl_samples(0.0), rl_samples(0.7), rl_samples(3.0)
     assert same == explicit and hot != same
+
+
+class OneDrawFake(Fake):
+    """One inner-loop seed per item, as ARC's: identical self-edits of an item are one evaluation."""
+
+    def evaluation_seed(self, phase, item, k):
+        return seal.stable_seed(self.cfg.seed, item)
+
+
+def evals(out):
+    return [json.loads(x) for f in sorted(Path(out).glob("evals*.jsonl")) for x in f.read_text().splitlines()]
+
+
+def check_shared(recs):
+    """Every (phase, item, k) has one record; a later self-edit equal to an earlier one of its item copies that
+    one's record (its own k, text and tokens; "shared_with" the earlier k); every distinct one has its own."""
+    assert len({(r["phase"], r["item"], r["k"]) for r in recs}) == len(recs)
+    own = ("k", "text", "prompt_ids", "ids", "seconds", "shared_with")
+    for r in recs:
+        first = min((x for x in recs if (x["phase"], x["item"], x["text"]) == (r["phase"], r["item"], r["text"])),
+                    key=lambda x: x["k"])
+        if first is r:
+            assert "shared_with" not in r
+        else:
+            assert r["shared_with"] == first["k"] and r["seconds"] == 0
+            assert {k: v for k, v in r.items() if k not in own} == {k: v for k, v in first.items() if k not in own}
+    return sum("shared_with" not in r for r in recs)
+
+
+def test_identical_self_edits_are_evaluated_once_and_share_the_record(tiny_dir, tmp_path):
+    Fake.calls.clear()
+    seal.run(config(tiny_dir, tmp_path), OneDrawFake)
+    recs = evals(tmp_path)
+    rl = [r for r in recs if r["phase"] == "rl1"]
+    assert len(rl) == 3 * 4 and check_shared(rl) == len({(r["item"], r["text"]) for r in rl}) < len(rl)  # 4 of 2
+    assert len([c for c in Fake.calls if c[0].startswith("r")]) == check_shared(rl)  # the RL items' evaluations
+    assert len(Fake.calls) == sum(check_shared([r for r in recs if r["phase"] == p]) for p in {r["phase"] for r in recs})
+    m_step = json.loads((tmp_path / "policy-round1" / "m_step.json").read_text())
+    assert m_step["examples"] == sum(r["reward"] == 1 for r in rl)  # a shared record is kept like any other
+
+
+def test_a_kill_between_an_evaluation_and_its_copy_resumes_without_evaluating_again(tiny_dir, tmp_path):
+    cfg = lambda out: config(tiny_dir, out, rows="base", eval_samples=4)  # 2 items x 4 samples of yes or no
+    Fake.calls.clear()
+    seal.run(cfg(tmp_path / "a"), OneDrawFake)
+    straight = evals(tmp_path / "a")
+    assert check_shared(straight) < len(straight) and len(Fake.calls) == check_shared(straight)
+    # kill -9 right after an evaluation whose copy comes later: the file ends at that evaluation's line
+    cut = next(i for i, r in enumerate(straight)
+               if any(x.get("shared_with") == r["k"] and x["item"] == r["item"] for x in straight[i + 1:]))
+    (tmp_path / "a" / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in straight[:cut + 1]))
+    Fake.calls.clear()
+    seal.run(cfg(tmp_path / "a"), OneDrawFake)
+    resumed = evals(tmp_path / "a")
+    assert len(Fake.calls) == sum("shared_with" not in r for r in straight[cut + 1:])  # the copy: no evaluation
+    key = lambda r: (r["item"], r["k"])
+    strip = lambda rs: sorted(({k: v for k, v in r.items() if k != "seconds"} for r in rs), key=key)
+    assert strip(resumed) == strip(straight)
+    check_shared(resumed)
+
+
+class ThreadRanks:
+    """Two ranks of one process, as threads: what evaluate_phase needs of torchrun's (a rank, a barrier)."""
+
+    def __init__(self, rank, world, barrier):
+        self.rank, self.world, self._barrier = rank, world, barrier
+        self.main = rank == 0
+
+    def barrier(self):
+        self._barrier.wait(timeout=120)  # a rank that waits forever fails the test instead of hanging it
+
+
+def test_two_ranks_evaluate_each_distinct_self_edit_once(tiny_dir, tmp_path):
+    """The first yes is job 0 (rank 0's by position in the job list) and its equals are jobs 2 and 3 (rank 0's and
+    rank 1's): the rank that evaluates a self-edit writes its copies, so neither rank waits for the other."""
+    import threading
+    texts = [" pick yes.", " pick no.", " pick yes.", " pick yes.", " pick no.", " pick yes."]
+    jobs = [{"item": "e1", "k": k, "text": t} for k, t in enumerate(texts)]
+
+    def phase(out, world):
+        cfg = config(tiny_dir, out)
+        barrier = threading.Barrier(world)
+        folders = [seal.RunFolder(cfg, ranks=ThreadRanks(r, world, barrier)) for r in range(world)]
+        got, errors = {}, []
+
+        def rank(r):
+            try:
+                learner = seal.Learner(cfg, cfg.model)
+                got[r] = seal.evaluate_phase(folders[r], learner, OneDrawFake(cfg, learner.tok), "base", jobs, cfg)
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+                barrier.abort()
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert all(got[r] == got[0] for r in range(world))  # every rank reads every record after the sync
+        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in got[0]]
+
+    Fake.calls.clear()
+    two = phase(tmp_path / "two", 2)
+    assert len(Fake.calls) == 2  # yes and no, once each over both ranks
+    assert (tmp_path / "two" / "evals-1.jsonl").exists()  # rank 1 evaluated one of them
+    assert [r.get("shared_with") for r in two] == [None, None, 0, 0, 1, 0]
+    Fake.calls.clear()
+    assert phase(tmp_path / "one", 1) == two and len(Fake.calls) == 2
