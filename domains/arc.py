@@ -58,6 +58,12 @@ class ArcConfig(seal.RunConfig):
     se_lr_options: str = "1e-5,3e-5,1e-4,3e-4,1e-3"  # the learning rates offered in schema mode
     se_epoch_options: str = "1,2,3,4,5"   # the epoch counts offered in schema mode
 
+    @property
+    def fingerprint(self):
+        """A run folder made when each self-edit drew its own TTT data (before Arc.evaluation_seed) gave rewards of
+        another kind: it must not resume into one draw per task."""
+        return {**super().fingerprint, "ttt_draw": "per task"}
+
 
 # -----------------------------------------------------------------------------
 # The self-edit (docs/official.md §1.2): its schema, the prompt, the parser

@@ -208,3 +208,16 @@ def test_self_edits_that_parse_alike_are_one_evaluation_on_one_draw(tiny_dir, tm
     assert recs[2]["shared_with"] == 0 and recs[2]["text"] == spaced and recs[2]["train"] == recs[0]["train"]
     assert recs[2]["attempts"] == recs[0]["attempts"] and recs[2]["reward"] == recs[0]["reward"]
     assert not recs[1]["valid"] and "shared_with" not in recs[1]
+
+
+def test_a_folder_from_per_self_edit_draws_does_not_resume(tmp_path):
+    """Rewards drawn with one TTT draw per self-edit are of another kind than one draw per task: such a folder
+    (its config.json has no ttt_draw) is refused, not mixed into."""
+    cfg = arc_domain.ArcConfig(out=str(tmp_path / "old"))
+    old = {k: v for k, v in cfg.fingerprint.items() if k != "ttt_draw"}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="ttt_draw"):
+        seal.RunFolder(cfg)
+    seal.RunFolder(arc_domain.ArcConfig(out=str(tmp_path / "new")))  # a new folder takes the new kind
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["ttt_draw"] == "per task"
