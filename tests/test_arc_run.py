@@ -9,6 +9,7 @@ import torch
 
 import lora
 import checkpoint
+import sampling
 import seal
 from domains import arc as arc_domain
 
@@ -221,3 +222,39 @@ def test_a_folder_from_per_self_edit_draws_does_not_resume(tmp_path):
         seal.RunFolder(cfg)
     seal.RunFolder(arc_domain.ArcConfig(out=str(tmp_path / "new")))  # a new folder takes the new kind
     assert json.loads((tmp_path / "new" / "config.json").read_text())["ttt_draw"] == "per task"
+
+
+def test_m_step_on_pinned_records_moves_the_options_to_the_kept_configuration(tiny_dir, tmp_path):
+    """ReST-EM's M-step (seal.Learner.m_step) on records that all chose one configuration makes the policy's most
+    likely self-edit that configuration, on the RL task it was kept for and on the evaluation task it never saw
+    (at 135M what transfers is one global configuration, docs/arc.md)."""
+    cfg = config(tiny_dir, tmp_path, se_mode="schema", se_lr_options="3e-4,1e-3,3e-3", se_epoch_options="1,2,4,6",
+                 sft_lr=2e-2, sft_epochs=10, sft_batch=2)
+    learner = seal.Learner(cfg, cfg.model)
+    dom = arc_domain.Arc(cfg, learner.tok)
+    enc = lambda s: learner.tok.encode(s) if s else []
+
+    def greedy(item):  # the most likely self-edit and, per field, the options' log-probabilities along it
+        trace = []
+        ids = sampling.sample_template(learner.policy(), learner.tok, dom.prompt_ids(item, learner.tok), dom.template,
+                                   n=1, temperature=0, trace=trace)[0]
+        return learner.tok.decode(ids), trace
+
+    # the kept configuration: at every field the option the base policy likes least along its own path
+    _, trace = greedy("6150a2bd")
+    picks = [min(range(len(lp)), key=lp.__getitem__) for lp in trace]
+    kept_ids, j = [], 0
+    for fixed, opts in dom.template:
+        kept_ids += enc(fixed)
+        if opts:
+            kept_ids += enc(opts[picks[j]])
+            j += 1
+    kept = learner.tok.decode(kept_ids)
+    assert arc_domain.parse_self_edit(dom.answer_prefix + kept)[0] is not None
+    before = {item: greedy(item)[0] for item in ("6150a2bd", "5582e5ca")}
+    assert all(text != kept for text in before.values())
+
+    records = [{"item": "6150a2bd", "prompt_ids": dom.prompt_ids("6150a2bd", learner.tok), "ids": kept_ids}] * 4
+    learner.m_step(records, "rl1", tmp_path / "policy-round1")
+    assert greedy("6150a2bd")[0] == kept  # the RL task it was kept for
+    assert greedy("5582e5ca")[0] == kept  # and the evaluation task: one global setting
