@@ -272,8 +272,12 @@ def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
     log.write(f"\n==== {name}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
     log.flush()
     t0 = time.monotonic()
+    from run_folder import die_with_parent
+    driver = os.getpid()
+    # a session of its own, so that a stage out of time is killed with all it started (below); and it dies with
+    # this driver, so that a GPU call killed at its limit leaves no stage running
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            preexec_fn=lambda: die_with_parent(driver), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         rc = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:

@@ -1,10 +1,16 @@
 """
-The run folder (everything a SEAL run needs to resume after kill -9, and to read or plot its results) and the
-processes torchrun starts. Domain-free: seal.py's loop writes through it.
+The run folder (everything a SEAL run needs to resume after kill -9, and to read or plot its results), its one
+writer, and the processes torchrun starts. Domain-free: seal.py's loop writes through it.
 """
+import ctypes
 import datetime
+import fcntl
 import json
 import os
+import shlex
+import signal
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +26,31 @@ from settings import process_device
 # WORLD_SIZE this is rank 0 of 1 and there is no process group.
 
 
+# A worker must not outlive its launcher: torchrun starts each in a session of its own, so a kill of the launcher's
+# process group (kill -9 -- -PGID) misses them, and orphans would go on writing into the run folder.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int | None = None):
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing). The signal fires when
+    the parent *thread* that started this process ends: torchrun's agent and gpu_check.py start their children from
+    their main thread. parent: the pid that started this process, when known (subprocess's preexec_fn:
+    functools.partial(die_with_parent, os.getpid())), so that a parent which died before this call is noticed too;
+    when not known, only a parent replaced by init (pid 1) is."""
+    if _prctl is None:
+        return
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1 or parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # orphaned already: what the signal would have done
+
+
 class Ranks:
     def __init__(self):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torchrun's agent (the launcher, train.sh's exec)
+            die_with_parent()
         if self.world > 1 and not dist.is_initialized():
             gpu = torch.cuda.is_available()
             if gpu:  # one GPU per process, or a clear exit (settings.process_device)
@@ -58,6 +86,7 @@ class Ranks:
 #   policy-round<r>/     the policy after ReST-EM round r (hub-style folder, loadable by transformers), its
 #                        m_step.json, and DONE ("ok", or "unchanged" when the round kept nothing) once finished
 #   results.json         the table: reward per row, beside the paper's numbers
+#   lock, lock-<r>       held by the run's rank 0 and rank r while they live, naming them (hold_lock below)
 
 
 def write_atomic(path: Path, text: str):
@@ -66,13 +95,49 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
+# One writer per file. Rank r holds an exclusive flock on the folder's `lock` (rank 0, which also writes every
+# shared file) or `lock-<r>` (rank r > 0) before it writes anything, until its process ends: two launches on one
+# folder would append the same evaluations twice. The kernel drops a flock with its holder's last descriptor, so a
+# lock left by a killed run never blocks, while a live holder stops a second launch at once and is named.
+_locks = {}  # lock file -> its open file, kept for this process's life (a second RunFolder on a folder reuses it)
+
+
+def hold_lock(folder, rank: int = 0):
+    """Take this rank's lock on the run folder (made if absent), or stop with who holds it and what to do."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = (folder / ("lock" if rank == 0 else f"lock-{rank}")).resolve()
+    if path in _locks:
+        return
+    f = open(path, "a+")  # never truncated before it is held: it names the holder
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that is starting"
+        f.close()
+        raise SystemExit(f"{folder} is in use by another run: its {path.name} is held by {holder}. Two runs "
+                         f"writing one folder would repeat evaluations. Wait for that run to end, or stop it (kill "
+                         f"its launcher, or that pid: a torchrun worker dies with its agent) and run this command "
+                         f"again to resume it; or give this run another --out.")
+    f.seek(0)
+    f.truncate()
+    launch = (f", a worker of torchrun's agent pid {os.getppid()}" if "TORCHELASTIC_RUN_ID" in os.environ else "")
+    cmd = shlex.join(Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+                     if Path("/proc/self/cmdline").exists() else [sys.executable, *sys.argv])
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} (rank {rank}{launch}, since {time.strftime('%F %T')}): "
+            f"{cmd}\n")
+    f.flush()
+    _locks[path] = f
+
+
 class RunFolder:
     def __init__(self, cfg, items: dict | None = None, ranks: Ranks | None = None):
         """cfg: a seal.RunConfig, whose fingerprint a resume must match. items: the run's item ids by role; they
         join the fingerprint, since a data file can change under its name."""
         self.ranks = ranks or Ranks()
         self.dir = Path(cfg.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        hold_lock(self.dir, self.ranks.rank)
         cfg_file = self.dir / "config.json"
         fingerprint = {**cfg.fingerprint, **({"items": items} if items else {})}
         if cfg_file.exists():
@@ -83,30 +148,41 @@ class RunFolder:
                 shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
                 raise SystemExit(f"{self.dir} holds a run with other settings or from an older version ({shown[:600]})"
                                  f"; use another --out")
-        else:
+        elif self.ranks.main:  # rank 0 writes the shared files
             write_atomic(cfg_file, json.dumps(fingerprint, indent=2))
         r = self.ranks.rank
         self.evals_file = self.dir / ("evals.jsonl" if r == 0 else f"evals-{r}.jsonl")
-        self.done = {}
-        own = self.reload()
-        if self.evals_file.exists():  # drop a line cut short by a kill (it is evaluated again)
+        own, twice = self.reload()
+        if twice and self.ranks.main:
+            print(f"warning: {self.dir} records {len(twice)} evaluation(s) more than once (the first: "
+                  f"{twice[0][1]} in {twice[0][0]}), written by two runs at once before the folder had a lock; "
+                  f"each is read once", flush=True)
+        if self.evals_file.exists():  # drop a line cut short by a kill (it is evaluated again), and a repeat
             write_atomic(self.evals_file, "".join(json.dumps(rec) + "\n" for rec in own))
 
     def reload(self):
-        """Read every rank's records (after a barrier: what all ranks finished). Returns this rank's own."""
-        own = []
+        """Read every rank's records (after a barrier: what all ranks finished), each (phase, item, k) once: the
+        first line of it in file order. Returns this rank's own records and the (file, key) of the repeats."""
+        self.done, own, twice = {}, [], []
         for f in sorted(self.dir.glob("evals*.jsonl")):
             for line in f.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill: dropped, evaluated again
                     continue
-                self.done[(rec["phase"], rec["item"], rec["k"])] = rec
+                key = (rec["phase"], rec["item"], rec["k"])
+                if key in self.done:
+                    twice.append((f.name, key))
+                    continue
+                self.done[key] = rec
                 if f == self.evals_file:
                     own.append(rec)
-        return own
+        return own, twice
 
     def log(self, rec: dict):
+        """Append a finished evaluation, unless it is recorded already (a resume never writes one twice)."""
+        if (rec["phase"], rec["item"], rec["k"]) in self.done:
+            return
         with open(self.evals_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()

@@ -27,7 +27,7 @@ import torch
 import checkpoint
 import lora
 from settings import device_and_dtype
-from run_folder import Ranks, RunFolder, write_atomic  # noqa: F401 (part of seal's interface)
+from run_folder import Ranks, RunFolder, hold_lock, write_atomic  # noqa: F401 (part of seal's interface)
 from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
@@ -401,6 +401,7 @@ def run(cfg: RunConfig, domain_cls):
     same command resumes."""
     torch.manual_seed(cfg.seed)
     ranks = Ranks()
+    hold_lock(cfg.out, ranks.rank)  # before the model loads: a second launch on a folder in use stops at once
     learner = Learner(cfg, cfg.model)
     domain = domain_cls(cfg, learner.tok)
     rows = pick_rows(domain, cfg.rows, cfg)

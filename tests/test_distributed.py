@@ -1,7 +1,9 @@
-"""SEAL across processes: torchrun with gloo on the CPU gives the same records and table as one process, and a run
-whose rank is killed stops, then resumes without repeating a finished evaluation."""
+"""SEAL across processes: torchrun with gloo on the CPU gives the same records and table as one process, a run
+whose rank is killed stops, then resumes without repeating a finished evaluation, a killed launcher takes its
+workers with it, and a folder has one writer."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -112,3 +114,82 @@ def test_a_killed_rank_stops_the_run_and_the_same_command_resumes(args, single, 
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already done" in res.stdout and all(k in records(tmp_path) for k in done)
     assert records(tmp_path) == records(single) and table(tmp_path) == table(single)
+
+
+def alive(pid):
+    """Running, or stopped: neither gone nor a zombie waiting for its new parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def gone_within(pids, seconds):
+    deadline = time.time() + seconds
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def evaluations(out):
+    return sum(f.read_text().count("\n") for f in Path(out).glob("evals*.jsonl"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc (Linux)")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_9_of_the_launch_three_times_then_resume(args, single, tmp_path, nproc):
+    """What a user does (docs/running.md): kill -9 the launcher's whole process group at a random moment, three
+    times, then the same command. No worker outlives its launcher (torchrun starts each in a session of its own, out
+    of the group's reach), a second launch on the folder in use is refused, and the resumed run has every record
+    exactly once, equal to an uninterrupted run's."""
+    out, rng, seen = tmp_path / "run", random.Random(nproc), []
+    try:
+        for kill in range(3):
+            before = evaluations(out) if out.exists() else 0
+            with open(tmp_path / f"log{kill}", "w") as log:
+                proc = subprocess.Popen(command(args, out, nproc), cwd=ROOT, env=ENV, stdout=log, stderr=log,
+                                        start_new_session=True)  # its own group, as a shell gives a command
+            seen.append(proc.pid)
+            deadline = time.time() + 120
+            while evaluations(out) <= before if out.exists() else True:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / f"log{kill}").read_text()[-3000:]
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.5))
+            launch = [proc.pid, *children(proc.pid)]
+            seen += launch[1:]
+            assert len(launch) == 1 + (nproc if nproc > 1 else 0)
+            for pid in launch:  # frozen where they are (a stopped process still dies of SIGKILL)
+                os.kill(pid, signal.SIGSTOP)
+            if kill == 0:  # the folder is in use: a second launch stops at once and names rank 0
+                rank0 = proc.pid if nproc == 1 else next(p for p in launch[1:]
+                                                         if b"RANK=0\0" in Path(f"/proc/{p}/environ").read_bytes())
+                second = subprocess.run(command(args, out, 1), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                        timeout=120)
+                assert second.returncode != 0
+                assert f"{out} is in use by another run: its lock is held by pid {rank0} on" in second.stderr
+            os.killpg(proc.pid, signal.SIGKILL)  # kill -9 -- -PGID
+            proc.wait()
+            assert gone_within(launch, 5) == []
+    finally:  # a failed check leaves no process behind
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not (out / "results.json").exists()  # every kill landed before the end
+    res = subprocess.run(command(args, out, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already done" in res.stdout and "more than once" not in res.stdout
+    assert records(out) == records(single) and table(out) == table(single)  # records(): each line a new key
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux: prctl")
+def test_a_child_started_through_die_with_parent_dies_with_it():
+    """How gpu_check.py starts its stages: a parent killed at its limit takes its child with it."""
+    code = ("import functools, os, subprocess, time, run_folder; p = subprocess.Popen(['sleep', '60'], "
+            "preexec_fn=functools.partial(run_folder.die_with_parent, os.getpid())); print(p.pid, flush=True); "
+            "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert alive(child)
+    parent.kill()
+    parent.wait()
+    assert gone_within([child], 5) == []

@@ -184,6 +184,23 @@ def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
     assert list(again.done) == [("icl", "x", 0)]
 
 
+def test_a_record_is_read_once_and_never_appended_twice(tiny_dir, tmp_path, capsys):
+    """A folder written by two runs at once (before it had a lock) holds repeats: each is read once, with a
+    warning, and this rank's file is rewritten without them; a record already there is not appended again."""
+    run = seal.RunFolder(config(tiny_dir, tmp_path))
+    first, other = {"phase": "icl", "item": "x", "k": 0, "reward": 1.0}, {"phase": "icl", "item": "y", "k": 0}
+    with open(run.evals_file, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in (first, other, {**first, "reward": 0.0})))
+    (tmp_path / "evals-1.jsonl").write_text(json.dumps({**other, "reward": 0.5}) + "\n")
+    capsys.readouterr()
+    again = seal.RunFolder(config(tiny_dir, tmp_path))
+    assert "records 2 evaluation(s) more than once" in capsys.readouterr().out
+    assert again.done == {("icl", "x", 0): first, ("icl", "y", 0): {**other, "reward": 0.5}}  # evals-1 sorts first
+    assert [json.loads(x) for x in again.evals_file.read_text().splitlines()] == [first]
+    again.log({**first, "reward": 0.0})
+    assert again.evals_file.read_text().count("\n") == 1 and again.done[("icl", "x", 0)] == first
+
+
 def test_overrides_are_typed_and_checked():
     cfg = settings.parse_overrides(FakeConfig(), ["--rounds=2", "--sft_lr=1e-4", "--word=no"])
     assert (cfg.rounds, cfg.sft_lr, cfg.word) == (2, 1e-4, "no")
