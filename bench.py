@@ -11,6 +11,13 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
               clip 1.0; cosine
   arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
               per phase (ours only: there is no reference to run)
+  knowledge_inner    the knowledge CPU preset's inner loop at its own shapes, in bf16 (issue 27): batch 1, LoRA r32
+              alpha64 on all 7 projections, loss on every token, AdamW, linear decay, sequences of 20-200 tokens
+  knowledge_answers  the knowledge reward's answer sampling: 8 answers sampled at T=1 for each of 10 questions, bf16
+              (ours: one prefill per question, its 8 samples share it)
+
+`inner_loop` is the ARC preset's inner loop (r128 alpha16 on q,v,gate,up,down, batch 2, the base dtype: fp32 on a
+CPU); the two knowledge measurements use bf16 weights, the knowledge CPU preset's dtype, on any device.
 
     python bench.py                                   # the offline SmolLM2-135M, every measurement
     python bench.py --only=inner_loop --model=random:smollm2-135m --examples=16   # random weights, one measurement
@@ -89,7 +96,7 @@ def card_peaks(device) -> tuple:
 class Bench:
     model: str = "smollm2-135m"  # a folder / hub id / "smollm2-135m", or random:NAME for random weights of SHAPES
     gpu_shape: str = "llama-3.2-1b"  # on a GPU, also measure random weights of this shape ("" to skip)
-    only: str = "sampling,answers,inner_loop,arc_eval"   # which measurements
+    only: str = "sampling,answers,inner_loop,knowledge_inner,knowledge_answers,arc_eval"  # which measurements
     samples: int = 8             # sampling: self-edits of one prompt
     sample_tokens: int = 128
     answer_tokens: int = 24      # answers: tokens per answer; the batch is every question of 8 passages
@@ -103,6 +110,9 @@ class Bench:
     alpha: float = 16.0
     lr: float = 1e-4
     warmup: int = 1
+    knowledge_sequences: int = 12  # knowledge_inner: sequences (= steps at batch 1) of 20-200 tokens
+    knowledge_questions: int = 10  # knowledge_answers: questions, each with --answer_samples answers
+    answer_samples: int = 8
     seed: int = 0
     device: str = "auto"
     threads: int = 1             # CPU threads for both sides; 0: torch's default. On a shared 2-core machine two
@@ -149,18 +159,50 @@ def build_models(name, seed, device, dtype):
     return ours.requires_grad_(False), ref.requires_grad_(False)
 
 
-class Baseline:
-    """transformers + PEFT, a plain loop: right-pad to the longest example, labels -100 outside the completion."""
+@dataclass
+class LoopShape:
+    """One preset's inner loop: the adapter, the batch and the recipe that both sides run."""
+    name: str
+    r: int
+    alpha: float
+    targets: tuple
+    batch_size: int
+    loss_on: str      # completion (ARC) or all (knowledge)
+    schedule: str     # cosine (ARC) or linear (knowledge)
+    lr: float
+    warmup: int
 
-    def __init__(self, ref, cfg: Bench, total_steps):
+
+def arc_shape(cfg: Bench) -> LoopShape:
+    return LoopShape("inner_loop", cfg.r, cfg.alpha, TARGETS, cfg.batch_size, "completion", "cosine", cfg.lr,
+                     cfg.warmup)
+
+
+KNOWLEDGE = LoopShape("knowledge_inner", 32, 64.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"), 1, "all", "linear", 1e-3, 0)  # train.sh's preset
+
+
+def knowledge_like(cfg: Bench, vocab: int):
+    """Random token ids of 20-200 tokens with nothing as prompt: the knowledge preset's self-edit lines and passages,
+    each trained on all its tokens."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [([], torch.randint(3, vocab, (int(torch.randint(20, 201, (1,), generator=g)),), generator=g).tolist())
+            for _ in range(cfg.knowledge_sequences)]
+
+
+class Baseline:
+    """transformers + PEFT, a plain loop: right-pad to the longest example, labels -100 at pads (and, for a loss on
+    the completion, in the prompt)."""
+
+    def __init__(self, ref, shape: LoopShape, total_steps):
         import peft
-        import transformers
-        self.model = peft.get_peft_model(ref, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+        self.model = peft.get_peft_model(ref, peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.0,
+                                                              target_modules=list(shape.targets),
+                                                              task_type="CAUSAL_LM"))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.pad = ref.config.eos_token_id if ref.config.eos_token_id is not None else 0
-        self.cfg, self.total_steps = cfg, total_steps
+        self.shape, self.total_steps = shape, total_steps
         self.reset()
 
     def reset(self):
@@ -170,8 +212,10 @@ class Baseline:
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.zero_()
-        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
-        self.sched = transformers.get_cosine_schedule_with_warmup(self.opt, self.cfg.warmup, self.total_steps)
+        self.opt = torch.optim.AdamW(self.params, lr=self.shape.lr, weight_decay=0.0)
+        make = {"cosine": transformers.get_cosine_schedule_with_warmup,
+                "linear": transformers.get_linear_schedule_with_warmup}[self.shape.schedule]
+        self.sched = make(self.opt, self.shape.warmup, self.total_steps)
 
     def step(self, batch, device):
         width = max(len(p) + len(c) for p, c in batch)
@@ -181,7 +225,8 @@ class Baseline:
         for i, (p, c) in enumerate(batch):
             seq = torch.tensor(p + c)
             ids[i, :len(seq)], attn[i, :len(seq)] = seq, 1
-            labels[i, len(p):len(seq)] = seq[len(p):]
+            first = 0 if self.shape.loss_on == "all" else len(p)  # label 0 predicts nothing (HF shifts)
+            labels[i, first:len(seq)] = seq[first:]
         out = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -224,17 +269,17 @@ def matmul_peak(device, dtype, rows, m, seconds=0.3) -> dict:
             "threads": torch.get_num_threads() if device == "cpu" else None}
 
 
-def inner_loop(cfg: Bench, device, dtype, ours, ref):
+def inner_loop(cfg: Bench, device, dtype, ours, ref, shape: LoopShape, data):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    print(f"== inner loop: LoRA r{cfg.r} a{cfg.alpha:g} on {','.join(TARGETS)}, bs {cfg.batch_size}", flush=True)
-    data = arc_like(cfg, ours.config.vocab_size)
-    plan = lora.batches(len(data), cfg.batch_size, 1, cfg.seed)  # lora.train draws the same plan from the seed
+    print(f"== {shape.name}: LoRA r{shape.r} a{shape.alpha:g} on {','.join(shape.targets)}, bs {shape.batch_size}, "
+          f"{dtype}", flush=True)
+    plan = lora.batches(len(data), shape.batch_size, 1, cfg.seed)  # lora.train draws the same plan from the seed
     real = sum(len(p) + len(c) for p, c in data)
 
-    adapter = lora.inject(ours, cfg.r, cfg.alpha, TARGETS, seed=cfg.seed)
-    base = Baseline(ref, cfg, len(plan))
-    short = [(data[0][0][:64], data[0][1][:16])] * cfg.batch_size  # warm-up step for both: allocator, kernels
-    lora.train(ours, short, lr=cfg.lr, batch_size=cfg.batch_size, adapter=adapter)
+    adapter = lora.inject(ours, shape.r, shape.alpha, shape.targets, seed=cfg.seed)
+    base = Baseline(ref, shape, len(plan))
+    short = [(data[0][0][:64], data[0][1][:16])] * shape.batch_size  # warm-up step for both: allocator, kernels
+    lora.train(ours, short, lr=shape.lr, batch_size=shape.batch_size, loss_on=shape.loss_on, adapter=adapter)
     adapter.reset()
     base.step(short, device)
     base.reset()
@@ -255,8 +300,8 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
               f"real tokens, loss ours {loss:.4f} theirs {l:.4f}", flush=True)
 
     t0 = time.perf_counter()
-    res = lora.train(ours, data, lr=cfg.lr, batch_size=cfg.batch_size, warmup=cfg.warmup, schedule="cosine",
-                     seed=cfg.seed, adapter=adapter, on_step=baseline_step)
+    res = lora.train(ours, data, lr=shape.lr, batch_size=shape.batch_size, loss_on=shape.loss_on,
+                     warmup=shape.warmup, schedule=shape.schedule, seed=cfg.seed, adapter=adapter, on_step=baseline_step)
     sync()
     ours_s = time.perf_counter() - t0 - theirs["seconds"]
     assert res.failed is None and res.tokens == real, (res.failed, res.tokens, real)
@@ -272,14 +317,20 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
         "ours_tok_s": real / ours_s, "theirs_tok_s": real / theirs["seconds"],
         "speedup": theirs["seconds"] / ours_s,
         "first_loss_ours": res.losses[0], "first_loss_theirs": theirs["losses"][0],  # B=0: both are the base model
-        "lora_params": n_lora}
+        "last_loss_ours": res.losses[-1], "last_loss_theirs": theirs["losses"][-1],
+        "lora_params": n_lora, "target_tokens": res.target_tokens, "dtype": str(dtype)}
     # how close to the limit: achieved matmul FLOP/s against this machine's measured matmul peak (CPU or GPU), and
     # on a listed GPU against the vendor's bf16 peak (MFU)
     fpt = flops_per_token(ours, n_lora)
     ceiling = matmul_peak(device, dtype, real // len(plan), ours)
+    # with the vocab projection at the target positions (forward and input gradient): a few % of an ARC row's
+    # tokens, every token of a knowledge row
+    flops = real * fpt + res.target_tokens * 4 * ours.config.dim * ours.config.vocab_size
     result.update(flops_per_token=fpt, flop_s_ours=result["ours_tok_s"] * fpt,
                   flop_s_theirs=result["theirs_tok_s"] * fpt, matmul_peak=ceiling,
-                  share_of_matmul_peak_ours=result["ours_tok_s"] * fpt / ceiling["peak_flop_s"])
+                  share_of_matmul_peak_ours=result["ours_tok_s"] * fpt / ceiling["peak_flop_s"],
+                  flops_with_vocab=flops, step_ms_ours=1e3 * ours_s / len(plan),
+                  share_of_matmul_peak_with_vocab_ours=flops / ours_s / ceiling["peak_flop_s"])
     peak, _ = card_peaks(device)
     if peak:
         result["mfu_ours"] = result["ours_tok_s"] * fpt / (peak * 1e12)
@@ -293,8 +344,9 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref):
         print(f"{who:24}{result[key + '_seconds']:10.1f}{result[key + '_tok_s']:12.1f}{mfu}")
     print(f"achieved {result['flop_s_ours'] / 1e9:.1f} GFLOP/s (matmuls, {fpt / 1e6:.1f} MFLOP a token) against "
           f"{ceiling['peak_flop_s'] / 1e9:.1f} GFLOP/s measured for plain {dtype} products at these shapes: "
-          f"{100 * result['share_of_matmul_peak_ours']:.0f}% of the machine's matmul peak")
-    print(f"speedup {result['speedup']:.2f}x; first-step loss ours {res.losses[0]:.4f} vs theirs "
+          f"{100 * result['share_of_matmul_peak_ours']:.0f}% of the machine's matmul peak "
+          f"({100 * result['share_of_matmul_peak_with_vocab_ours']:.0f}% counting the vocab projection at the targets)")
+    print(f"speedup {result['speedup']:.2f}x; a step {result['step_ms_ours']:.0f} ms; first-step loss ours {res.losses[0]:.4f} vs theirs "
           f"{theirs['losses'][0]:.4f}")
     return result
 
@@ -434,7 +486,8 @@ def measure(cfg: Bench, name, device, dtype, only, result: dict, save) -> dict:
     if cfg.compile:
         ours.compile_hot_paths()
     if "inner_loop" in only:
-        result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref)
+        result["inner_loop"] = inner_loop(cfg, device, dtype, ours, ref, arc_shape(cfg),
+                                          arc_like(cfg, ours.config.vocab_size))
         save()
     tok = None if name.startswith("random:") else Tokenizer.from_dir(checkpoint.resolve(name))
     pad = ours.config.extra.get("eos_token_id", 0)
@@ -450,12 +503,35 @@ def measure(cfg: Bench, name, device, dtype, only, result: dict, save) -> dict:
     return result
 
 
+def measure_knowledge(cfg: Bench, name, device, only, result: dict, save) -> dict:
+    """The knowledge preset's inner loop and its reward's answer sampling, at its shapes, on bf16 weights, each
+    put into result and saved as it is measured."""
+    if not {"knowledge_inner", "knowledge_answers"} & set(only):
+        return result
+    ours, ref = build_models(name, cfg.seed, device, torch.bfloat16)
+    if cfg.compile:
+        ours.compile_hot_paths()
+    if "knowledge_inner" in only:
+        result["knowledge_inner"] = inner_loop(cfg, device, torch.bfloat16, ours, ref, KNOWLEDGE,
+                                               knowledge_like(cfg, ours.config.vocab_size))
+        save()
+    if "knowledge_answers" in only:
+        tok = None if name.startswith("random:") else Tokenizer.from_dir(checkpoint.resolve(name))
+        pad = ours.config.extra.get("eos_token_id", 0)
+        pad = pad[0] if isinstance(pad, list) else pad
+        prompts = question_prompts(tok, ours.config.vocab_size)[:cfg.knowledge_questions]
+        result["knowledge_answers"] = decode_race("knowledge_answers", device, ours, ref, prompts, cfg.answer_samples,
+                                                  cfg.answer_tokens, 1.0, pad)
+        save()
+    return result
+
+
 def main(cfg: Bench):
     device, dtype = device_and_dtype(cfg)
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
     only = cfg.only.split(",")
-    unknown = set(only) - {"sampling", "answers", "inner_loop", "arc_eval"}
+    unknown = set(only) - {"sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers", "arc_eval"}
     if unknown:
         raise SystemExit(f"--only: unknown measurement(s) {sorted(unknown)}")
     print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, model {cfg.model}", flush=True)
@@ -469,6 +545,7 @@ def main(cfg: Bench):
             write_atomic(Path(cfg.out), json.dumps(result, indent=2))
 
     measure(cfg, cfg.model, device, dtype, only, result, save)
+    measure_knowledge(cfg, cfg.model, device, only, result, save)
     if "arc_eval" in only:
         if cfg.model.startswith("random:"):
             print("== arc_eval: skipped (it needs a model with a tokenizer, not random:)", flush=True)

@@ -13,7 +13,8 @@ model: inject once, then for each self-edit `adapter.reset()` and `train(...)`, 
     adapter.save("out/adapter")                # PEFT format: peft.PeftModel.from_pretrained reads it
 
 Dtype policy: the base weights stay in their own dtype (bf16 on GPU, fp32 on CPU); LoRA weights, their gradients and
-the optimizer state are fp32, as PEFT's autocast_adapter_dtype does in the official run.
+the optimizer state are fp32, as PEFT's autocast_adapter_dtype keeps them in the official run. The branch itself
+computes in the base dtype from those fp32 masters (mixed-precision training; PEFT computes it in fp32).
 """
 import json
 import math
@@ -29,7 +30,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha/r) * B(A(dropout(x))), with base frozen and A, B in fp32 (Hu et al. 2021, eq. 3)."""
+    """y = base(x) + (alpha/r) * B(A(dropout(x))), with base frozen and A, B kept in fp32 (Hu et al. 2021, eq. 3)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -44,12 +45,16 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        z = F.linear(self.dropout(x.float()), self.lora_A)
-        if y.dtype == torch.float32:
-            # One GEMM computes y + scale * z @ B^T: no separate passes to scale and add over the (T, out) output
-            # (with r=128 on 5 targets those passes were ~5% of a CPU step).
-            return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.t(), alpha=self.scale).view_as(y)
-        return y + (F.linear(z, self.lora_B) * self.scale).to(y.dtype)  # fp32 branch, rounded once to bf16
+        # The branch runs in the base weights' dtype from the fp32 masters, as mixed-precision training does: on
+        # bf16 runs its products run at bf16's rate (on a GPU's tensor cores, with AVX-512 BF16 on a CPU) instead
+        # of fp32's, and the layer input is used as it is, with no fp32 copy of it per target (docs/speed.md,
+        # "The inner loop at the presets' shapes"). The gradients reach the fp32 masters through the casts.
+        # On fp32 runs the casts are no-ops.
+        dt = y.dtype
+        z = F.linear(self.dropout(x.to(dt)), self.lora_A.to(dt))
+        # One GEMM computes y + scale * z @ B^T, rounded once: no separate passes to scale and add over the (T, out)
+        # output (with r=128 on 5 targets those passes were ~5% of a CPU step).
+        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.to(dt).t(), alpha=self.scale).view_as(y)
 
     @torch.no_grad()
     def merge(self):
@@ -196,7 +201,9 @@ def load_peft(model, adapter_dir) -> Adapter:
 
 class AdamW:
     """torch.optim.AdamW's update (Loshchilov & Hutter 2019: Adam with decoupled weight decay, bias-corrected),
-    with fp32 state. The _foreach ops apply one elementwise op to the whole list of tensors at once."""
+    with fp32 state, through torch's fused kernel (`torch._fused_adamw_`, what AdamW(fused=True) calls): one pass
+    over each tensor reads p, g, m, v and writes p, m, v. The seven _foreach passes it replaced took 34 ms of a
+    knowledge-preset step over its 420 adapter tensors on this CPU, the fused pass 9 ms (docs/speed.md)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         self.params = [p for p in params if p.requires_grad]
@@ -206,25 +213,23 @@ class AdamW:
         self.t = 0  # one step count for all params: they all get a gradient at every step
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
+        self._t = {}  # the step count as the fused kernel reads it: one fp32 scalar tensor per device
 
     @torch.no_grad()
     def step(self):
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return
-        ps, gs = [self.params[i] for i in live], [self.params[i].grad for i in live]
-        ms, vs = [self.m[i] for i in live], [self.v[i] for i in live]
         self.t += 1
         b1, b2 = self.betas
-        if self.weight_decay:
-            torch._foreach_mul_(ps, 1 - self.lr * self.weight_decay)  # decoupled: shrinks w, never enters m or v
-        torch._foreach_lerp_(ms, gs, 1 - b1)                         # m = b1 m + (1-b1) g
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, gs, gs, 1 - b2)                  # v = b2 v + (1-b2) g^2
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, math.sqrt(1 - b2 ** self.t))
-        torch._foreach_add_(denom, self.eps)                         # sqrt(v_hat) + eps
-        torch._foreach_addcdiv_(ps, ms, denom, -self.lr / (1 - b1 ** self.t))
+        for dev in {self.params[i].device for i in live}:
+            at = [i for i in live if self.params[i].device == dev]
+            t = self._t.setdefault(dev, torch.zeros((), device=dev))
+            t.fill_(self.t)
+            torch._fused_adamw_([self.params[i] for i in at], [self.params[i].grad for i in at],
+                                [self.m[i] for i in at], [self.v[i] for i in at], [], [t] * len(at),
+                                lr=self.lr, beta1=b1, beta2=b2, weight_decay=self.weight_decay, eps=self.eps,
+                                amsgrad=False, maximize=False)
 
     def zero_grad(self):
         for p in self.params:
@@ -260,6 +265,28 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int = 0, kind: str = "c
 
 # -----------------------------------------------------------------------------
 # Packing and the training loop
+
+def keep_freed_memory():
+    """On Linux with glibc, keep freed memory in the process instead of handing it back to the kernel. glibc maps
+    each large block (above its mmap threshold) afresh and unmaps it on free, and trims the heap's free top: every
+    training step's (T, vocab) logits and large gradients then come back as new pages that the kernel must fault in
+    and zero. That cost ~140 ms of a ~1.1 s knowledge-preset step on this CPU (docs/speed.md). Blocks up to 32 MB
+    (glibc's ceiling for the threshold) now come from the heap, and the heap is not trimmed. Once per process."""
+    global _kept
+    if _kept:
+        return
+    _kept = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the largest value, never trim in practice
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        pass
+
+
+_kept = False
+
 
 @dataclass
 class Packed:
@@ -339,6 +366,8 @@ def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", 
         return res
     plan = batches(len(kept), batch_size, epochs, seed)
     device = params[0].device
+    if device.type == "cpu":
+        keep_freed_memory()
     start = [p.detach().clone() for p in params]  # restored if the run blows up
     opt = AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training

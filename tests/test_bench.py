@@ -14,10 +14,21 @@ def test_bench_writes_every_measurement(tiny_chat_dir, tmp_path):
                             "--samples=3", "--sample_tokens=6", "--answer_tokens=3", f"--out={out}"])
     res = bench.main(cfg)
     saved = json.loads(out.read_text())
-    assert set(saved) >= {"sampling", "answers", "inner_loop", "arc_eval", "device", "dtype", "model", "date"}
-    for key in ("sampling", "answers", "inner_loop"):
+    assert set(saved) >= {"sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers", "arc_eval",
+                          "device", "dtype", "model", "date"}
+    for key in ("sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers"):
         assert saved[key]["speedup"] > 0 and saved[key]["ours_tok_s"] > 0 and saved[key]["theirs_tok_s"] > 0
     assert saved["sampling"]["samples_per_prompt"] == 3 and saved["answers"]["prompts"] == 40
+    # the knowledge preset's shapes: bf16, batch 1 (one step per sequence), every token after the first a target;
+    # its reward's sampling: 8 answers to each of 10 questions
+    kn = saved["knowledge_inner"]
+    assert kn["dtype"] == "torch.bfloat16" and kn["steps"] == kn["examples"] == 12
+    assert kn["target_tokens"] == kn["real_tokens"] - 12 and kn["padded_tokens_baseline"] == kn["real_tokens"]
+    assert kn["lora_params"] == 2 * 32 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128),
+                                                                   (64, 128), (128, 64)])  # r32 on all 7, 2 layers
+    assert kn["first_loss_ours"] == pytest.approx(kn["first_loss_theirs"], abs=2e-2)  # bf16 on both sides
+    ka = saved["knowledge_answers"]
+    assert ka["prompts"] == 10 and ka["samples_per_prompt"] == 8 and ka["same_rows"] is None
     assert saved["arc_eval"]["steps"] > 0 and saved["arc_eval"]["seconds"] >= saved["arc_eval"]["train_seconds"]
     assert res["inner_loop"]["first_loss_ours"] == res["inner_loop"]["first_loss_theirs"] or \
         abs(res["inner_loop"]["first_loss_ours"] - res["inner_loop"]["first_loss_theirs"]) < 1e-3
