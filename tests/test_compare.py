@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import compare
+from tools import compare
 
 
 def test_compare_puts_runs_side_by_side(tmp_path, capsys):
