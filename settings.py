@@ -44,6 +44,13 @@ def parse_overrides(cfg, argv):
     return cfg
 
 
+def check_choice(name, value, options):
+    """The one check of a setting against its options: stop, naming the setting, the value and the options, unless
+    value is one of them (a list setting checks each of its values)."""
+    if value not in options:
+        raise SystemExit(f"--{name}={value!r}: expected one of {', '.join(map(str, options))}")
+
+
 def dispatch(argv, commands: dict, doc: str):
     """`python -m MODULE COMMAND [--key=value ...]`: commands[COMMAND](the rest). Without a command (or with
     --help in its place) the module's docstring, which lists its commands; `COMMAND --help` lists its settings."""
@@ -122,6 +129,5 @@ def device_and_dtype(cfg):
     dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
               "bf16": torch.bfloat16}
     dtype = getattr(cfg, "dtype", "auto")
-    if dtype not in dtypes:
-        raise SystemExit(f"--dtype={dtype!r}: expected auto, fp32 or bf16")
+    check_choice("dtype", dtype, dtypes)
     return device, dtypes[dtype]

@@ -128,7 +128,9 @@ case "$cmd" in
       cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
       if [ "$sub" = run ] && [ "$cores" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
     fi
-    launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
+    module=domains.knowledge  # the experiment; the studies around it: domains/knowledge_studies.py
+    [ "$sub" = run ] || module=domains.knowledge_studies
+    launch "$module" "$sub" "${preset[@]}" "$@" ;;
   -h|--help|help)  # the comment lines at the top, however many
     sed '1d;/^[^#]/,$d' "$0" ;;
   *)

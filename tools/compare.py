@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 AGAINST = "passage,self_edit"   # knowledge: the passage alone, the base policy's self-edits (docs/knowledge.md)
-MEASURES = {"reward": "the table's score (knowledge: greedy accuracy by --grader, lenient in the presets)",
+MEASURES = {"score": "the table's score (knowledge: greedy accuracy by --grader, lenient in the presets)",
             "sampled": "accuracy over answers sampled at T=1 (knowledge --answer_samples)"}
 RESAMPLES, LEVEL, RNG_SEED = 10_000, 0.95, 0
 
@@ -77,6 +77,7 @@ def item_scores(run_dir) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
+            r.setdefault("score", r.get("reward"))  # a record older than seal.RECORDS 2 held its score as "reward"
             recs[(r["phase"], r["item"], r["k"])] = r
     sums = {}
     for (row, item, _), r in recs.items():
