@@ -10,7 +10,7 @@ cloning; there is no value function, no baseline subtraction and no policy gradi
 This file holds what every domain shares and names none: the settings, the domain contract (Domain, Row), the
 model's one owner (Learner), the ReST-EM loop and the results table. Sampling lives in sampling.py, the run folder
 (resumable after kill -9) and torchrun's processes in run_folder.py, several runs' tables side by side in
-compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
+tools/compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
 
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
     python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
@@ -393,7 +393,7 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
             eta = (time.time() - t0) / n * (len(todo) - n)
             why = "" if rec["valid"] else f" ({rec['reason']})"
             whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
-            print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: {describe(domain, [rec])}{why} "
+            print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: {describe(domain, [rec])}{why}; "
                   f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
         rec = run.done[(phase, j["item"], j["k"])]
         for c in copies[i]:

@@ -1,5 +1,5 @@
 """
-Settings and the device, below every module with a command line (seal.py, sampling.py, bench.py, domains/).
+Settings and the device, below every module with a command line (seal.py, sampling.py, domains/, tools/).
 A command's settings are one dataclass: its defaults are the values, a field's trailing comment is its
 documentation (what --help prints). `--key=value` overrides a default, typed by the default's type; presets of
 such overrides live in train.sh.

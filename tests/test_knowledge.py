@@ -388,7 +388,7 @@ def test_best_of_k_keeps_the_highest_reward_and_the_log_prints_it(tiny, tmp_path
     kept = ScriptedSamples(config(tiny, "unused", reward="sampled", answer_samples=1), None).select(rl)
     assert kept == list(best.values())
     for r in rl:
-        assert f"{r['item']} #{r['k']}: reward (sampled) {r['reward']:.3g}, greedy lenient 0 " in out
+        assert f"{r['item']} #{r['k']}: reward (sampled) {r['reward']:.3g}, greedy lenient 0; " in out
     assert f"reward (sampled) sum {sum(r['reward'] for r in rl):.3g}" in out
 
 
