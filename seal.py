@@ -136,6 +136,8 @@ class Domain:
         raise NotImplementedError
 
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
+        """The POOLED row's one record: every item's self-edit trained into one adapter, then every item scored.
+        Returns {"score", "weight": len(items), ...}; no "reward", since nothing selects it."""
         raise NotImplementedError(f"{type(self).__name__} has no pooled row")
 
     def sample(self, m, tok, prompts, n, temperature, seeds) -> list:
