@@ -345,6 +345,11 @@ class TrainResult:
     dropped: int = 0           # longer than max_len, or with nothing to predict
     failed: str | None = None  # a non-finite loss or gradient: the params were restored, the caller scores 0
 
+    def loss_ends(self) -> dict:
+        """The first and the last step's loss (None when no step ran): what a record keeps of the loss curve."""
+        return {"loss_first": self.losses[0] if self.losses else None,
+                "loss_last": self.losses[-1] if self.losses else None}
+
 
 def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", warmup=0, schedule="cosine",
           weight_decay=0.0, max_grad_norm=1.0, max_len=8192, seed=0, adapter=None, params=None,

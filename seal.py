@@ -10,7 +10,7 @@ cloning; there is no value function, no baseline subtraction and no policy gradi
 This file holds what every domain shares and names none: the settings, the domain contract (Domain, Row), the
 model's one owner (Learner), the ReST-EM loop and the results table. Sampling lives in sampling.py, the run folder
 (resumable after kill -9) and torchrun's processes in run_folder.py, several runs' tables side by side in
-compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
+tools/compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
 
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
     python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
@@ -26,13 +26,17 @@ import torch
 
 import checkpoint
 import lora
-from settings import device_and_dtype
+import settings
 from run_folder import Ranks, RunFolder, hold_lock, write_atomic  # noqa: F401 (part of seal's interface)
 from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
 # Settings: dataclass defaults (a domain's subclass holds its paper values), --key=value overrides parsed by
 # settings.py (so are --help's lines: the fields' comments). Presets live in train.sh.
+
+
+RECORDS = 2  # the evaluation records' format, part of the fingerprint: 2 since a record's "reward" is what the
+            # E-step ranks and its "score" what the table counts (before, "reward" was the table's number)
 
 
 @dataclass
@@ -74,7 +78,7 @@ class RunConfig:
     def fingerprint(self):
         """Settings that change results: a run folder refuses to resume under different values."""
         kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "device", "compile")}
-        return {"config": type(self).__name__, **kept}
+        return {"config": type(self).__name__, "records": RECORDS, **kept}
 
 
 # -----------------------------------------------------------------------------
@@ -105,8 +109,9 @@ class Row:
 
 class Domain:
     """What the loop asks of a domain. Items are string ids; records are the dicts evaluate() returns, plus
-    phase, item, k, text."""
+    phase, item, k, text (and the defaults of `with_defaults`)."""
     rows: tuple = ()
+    score_name = "score"    # what the log calls a record's "score", the number the results table counts
     template = None         # a sample_template template (fields forced, values sampled), or None: free text
     answer_prefix = ""      # text every sampled answer starts with; part of the self-edit that is parsed
 
@@ -118,13 +123,21 @@ class Domain:
         """The self-edit prompt for `item`, as token ids of `tok` (the teacher's tokenizer for the teacher row)."""
         raise NotImplementedError
 
+    @property
+    def reward_name(self) -> str:
+        """What the log calls a record's "reward", the number `select` ranks by (by default the table's score)."""
+        return self.score_name
+
     def evaluate(self, m, adapter, item, text, seed) -> dict:
         """The reward of one self-edit: train `adapter` (zeroed by the loop) as `text` directs, score `m`.
-        text None means no adaptation. Returns at least {"reward": float}; "valid" False and a "reason" mark a
+        text None means no adaptation. Returns at least {"reward": float}, what `select` ranks by, and "score",
+        what the results table counts, where that is another number; "valid" False and a "reason" mark a
         self-edit that could not be used (it scores 0)."""
         raise NotImplementedError
 
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
+        """The POOLED row's one record: every item's self-edit trained into one adapter, then every item scored.
+        Returns {"score", "weight": len(items), ...}; no "reward", since nothing selects it."""
         raise NotImplementedError(f"{type(self).__name__} has no pooled row")
 
     def sample(self, m, tok, prompts, n, temperature, seeds) -> list:
@@ -181,6 +194,23 @@ def best_per_item(records, score=lambda r: r["reward"]):
     return list(best.values())
 
 
+def with_defaults(res) -> dict:
+    """An evaluation's result with what a domain may leave out: valid, no reason, weight 1 (a pooled record stands
+    for all its items' questions), and the table's score equal to the reward. Applied once, as the record is made,
+    so every reader of records finds every key."""
+    rec = {"valid": True, "reason": "", "weight": 1, **res}
+    rec.setdefault("score", rec.get("reward"))
+    return rec
+
+
+def describe(domain, records) -> str:
+    """The records' mean reward under its name, and the table's score beside it where that is another number, e.g.
+    "reward (sampled) 0.31, greedy lenient 0.2"."""
+    mean = lambda key: sum(r[key] for r in records) / max(1, len(records))
+    out = f"reward ({domain.reward_name}) {mean('reward'):.3g}"
+    return out if domain.reward_name == domain.score_name else f"{out}, {domain.score_name} {mean('score'):.3g}"
+
+
 def stable_seed(*parts) -> int:
     """A seed from names, independent of Python's hash randomisation and of evaluation order."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -188,6 +218,11 @@ def stable_seed(*parts) -> int:
 
 def fmt_time(s):
     return f"{s / 3600:.1f}h" if s > 5400 else f"{s / 60:.1f}m" if s > 90 else f"{s:.0f}s"
+
+
+def phase_tag(phase, ranks=None) -> str:
+    """A log line's prefix: the phase, and this process's rank under torchrun."""
+    return f"[{phase}]" if ranks is None or ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +235,7 @@ class Learner:
 
     def __init__(self, cfg: RunConfig, name_or_path: str):
         self.cfg = cfg
-        self.device, self.dtype = device_and_dtype(cfg)
+        self.device, self.dtype = settings.device_and_dtype(cfg)
         self.m = self.adapter = None
         self.load(name_or_path)
 
@@ -252,9 +287,10 @@ class Learner:
         sft.merge()
         checkpoint.save(self.m, save_to, tokenizer_dir=checkpoint.resolve(self.cfg.model))
         self.inject()
-        first, last = (res.losses[0], res.losses[-1]) if res.losses else (float("nan"), float("nan"))
-        print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, loss {first:.3f} -> {last:.3f}, "
-              f"{fmt_time(res.seconds)}", flush=True)
+        ends = res.loss_ends()
+        loss = f"loss {ends['loss_first']:.3f} -> {ends['loss_last']:.3f}" if res.losses else "no step"
+        print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, {loss}, {fmt_time(res.seconds)}",
+              flush=True)
         return {"examples": len(examples), "items": [r["item"] for r in records], "steps": res.steps,
                 "losses": res.losses, "seconds": res.seconds}
 
@@ -277,8 +313,7 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
         mine.update({i: outs[j * n:(j + 1) * n] for j, i in enumerate(batch)})
     dt = time.time() - t0
     ntok = sum(len(o) for outs in mine.values() for o in outs)
-    tag = f"[{phase}]" if world == 1 else f"[{phase} rank {rank}]"
-    print(f"{tag} sampled {sum(map(len, mine.values()))} self-edits in {fmt_time(dt)} "
+    print(f"{phase_tag(phase, ranks)} sampled {sum(map(len, mine.values()))} self-edits in {fmt_time(dt)} "
           f"({ntok / max(dt, 1e-9):.0f} tok/s)", flush=True)
     outs = {}
     for part in (ranks.all_gather(mine) if ranks else [mine]):
@@ -322,7 +357,7 @@ def first_occurrences(keys) -> list:
 
 
 def job_record(phase, job, res) -> dict:
-    rec = {"phase": phase, "item": job["item"], "k": job["k"], "text": job["text"], **res}
+    rec = {"phase": phase, "item": job["item"], "k": job["k"], "text": job["text"], **with_defaults(res)}
     if "ids" in job:  # the M-step trains on the sampled tokens
         rec["prompt_ids"], rec["ids"] = job["prompt_ids"], job["ids"]
     return rec
@@ -344,7 +379,7 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
     mine = list(copies)[ranks.rank::ranks.world]
     done = lambda i: (phase, jobs[i]["item"], jobs[i]["k"]) in run.done
     todo = [i for i in mine if not done(i)]
-    tag = f"[{phase}]" if ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
+    tag = phase_tag(phase, ranks)
     if todo:
         print(f"{tag} {len(mine) - len(todo)}/{len(mine)} distinct self-edits already done; evaluating {len(todo)}",
               flush=True)
@@ -358,9 +393,9 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
             rec = job_record(phase, j, {**res, "seconds": round(time.time() - t1, 2)})
             run.log(rec)
             eta = (time.time() - t0) / n * (len(todo) - n)
-            why = "" if rec.get("valid", True) else f" ({rec.get('reason')})"
+            why = "" if rec["valid"] else f" ({rec['reason']})"
             whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
-            print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: reward {rec['reward']:.3g}{why} "
+            print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: {describe(domain, [rec])}{why}; "
                   f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
         rec = run.done[(phase, j["item"], j["k"])]
         for c in copies[i]:
@@ -380,9 +415,8 @@ def pick_rows(domain, keys: str, cfg):
     known = [r.key for r in domain.rows]
     redundant = lambda r: r.source == TEACHER and not cfg.teacher or r.source == RL and r.after_round >= cfg.rounds
     wanted = keys.split(",") if keys else [r.key for r in domain.rows if not redundant(r)]
-    unknown = [k for k in wanted if k not in known]
-    if unknown:
-        raise SystemExit(f"--rows: unknown row(s) {unknown} (this domain has {', '.join(known)})")
+    for k in wanted:
+        settings.check_choice("rows", k, known)
     rows = [r for r in domain.rows if r.key in wanted]
     sources = {r.source for r in rows}
     if TEACHER in sources and not cfg.teacher:
@@ -419,8 +453,8 @@ def run(cfg: RunConfig, domain_cls):
         items, phase = domain.eval_items, row.key
         if row.source == POOLED:  # one job, on rank 0: every item's base-policy self-edit in one adapter
             texts = [r["text"] for r in table[next(b.key for b in rows if b.source == BASE)] if r["k"] == 0]
-            return [run_dir.once(phase, lambda: learner.evaluate_pooled(domain, items, texts,
-                                                                        stable_seed(cfg.seed, phase)))]
+            return [run_dir.once(phase, lambda: with_defaults(learner.evaluate_pooled(domain, items, texts,
+                                                                                      stable_seed(cfg.seed, phase))))]
         if row.source in (NONE, FIXED, CONTROL):
             text = lambda it: (None if row.source == NONE else row.text if row.source == FIXED
                                else domain.control_text(row.key, it))
@@ -435,8 +469,8 @@ def run(cfg: RunConfig, domain_cls):
             return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, ranks)
         recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg, progress)
         if ranks.main:
-            print(f"[{phase}] valid self-edits {sum(r.get('valid', True) for r in recs)}/{len(recs)}, mean reward "
-                  f"{sum(r['reward'] for r in recs) / max(1, len(recs)):.3f}", flush=True)
+            print(f"[{phase}] valid self-edits {sum(r['valid'] for r in recs)}/{len(recs)}, mean "
+                  f"{describe(domain, recs)}", flush=True)
         return recs
 
     for row in rows:  # the rows on the base model (the rounds change its weights)
@@ -480,7 +514,7 @@ def round_summaries(run_dir, domain, rounds):
         if not recs:
             break
         ms = run_dir.dir / f"policy-round{r}" / "m_step.json"  # absent when the round kept nothing
-        out.append({"round": r, "samples": len(recs), "valid": sum(x.get("valid", True) for x in recs),
+        out.append({"round": r, "samples": len(recs), "valid": sum(x["valid"] for x in recs),
                     "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
                     "metrics": domain.metrics(recs), "m_step": json.loads(ms.read_text()) if ms.exists() else None})
     return out
@@ -490,11 +524,11 @@ def report(run_dir, cfg, domain, rows, records):
     table = []
     for row in rows:
         recs = records[row.key]
-        total = sum(r.get("weight", 1) for r in recs)  # a pooled record stands for all its items' questions
-        score = sum(r["reward"] * r.get("weight", 1) for r in recs)
+        total = sum(r["weight"] for r in recs)  # a pooled record stands for all its items' questions
+        score = sum(r["score"] * r["weight"] for r in recs)
         table.append({"row": row.key, "method": row.label, "score": score, "total": total,
                       "rate": score / max(1, total), "paper": row.paper,
-                      "valid": sum(r.get("valid", True) for r in recs), "choices": domain.choices(recs),
+                      "valid": sum(r["valid"] for r in recs), "choices": domain.choices(recs),
                       "metrics": domain.metrics(recs)})
     rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.source == RL for r in rows) else []
     result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
@@ -518,6 +552,6 @@ def report(run_dir, cfg, domain, rows, records):
         what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['losses'][0]:.3g} -> "
                 f"{ms['losses'][-1]:.3g}" if ms and ms["losses"] else "no M-step, the policy is unchanged")
         print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
-              f"reward sum {r['rewarded']:.3g}; {what}")
+              f"reward ({domain.reward_name}) sum {r['rewarded']:.3g}; {what}")
     print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
     return result

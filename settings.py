@@ -1,5 +1,5 @@
 """
-Settings and the device, below every module with a command line (seal.py, sampling.py, bench.py, domains/).
+Settings and the device, below every module with a command line (seal.py, sampling.py, domains/, tools/).
 A command's settings are one dataclass: its defaults are the values, a field's trailing comment is its
 documentation (what --help prints). `--key=value` overrides a default, typed by the default's type; presets of
 such overrides live in train.sh.
@@ -42,6 +42,13 @@ def parse_overrides(cfg, argv):
         print(settings_help(cfg))
         raise SystemExit(0)
     return cfg
+
+
+def check_choice(name, value, options):
+    """The one check of a setting against its options: stop, naming the setting, the value and the options, unless
+    value is one of them (a list setting checks each of its values)."""
+    if value not in options:
+        raise SystemExit(f"--{name}={value!r}: expected one of {', '.join(map(str, options))}")
 
 
 def dispatch(argv, commands: dict, doc: str):
@@ -122,6 +129,5 @@ def device_and_dtype(cfg):
     dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "fp32": torch.float32,
               "bf16": torch.bfloat16}
     dtype = getattr(cfg, "dtype", "auto")
-    if dtype not in dtypes:
-        raise SystemExit(f"--dtype={dtype!r}: expected auto, fp32 or bf16")
+    check_choice("dtype", dtype, dtypes)
     return device, dtypes[dtype]

@@ -5,8 +5,8 @@
 #   bash train.sh knowledge [run|filter|prompts|reliability|forget|squad] [--key=value ...]   SEAL on knowledge
 #                                         incorporation, likewise
 #   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
-#   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (bench.py)
-#   bash train.sh gpu-check [OUT_DIR] [--key=value ...]   all the GPU measurements in timed stages (gpu_check.py)
+#   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (tools/bench.py)
+#   bash train.sh gpu-check [OUT_DIR] [--key=value ...]   all the GPU measurements in timed stages (tools/gpu_check.py)
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by each command above)
 #   ... --help                            a command's settings, their values (preset included) and what each does
@@ -100,12 +100,12 @@ case "$cmd" in
     launch domains.arc "$sub" "${preset[@]}" "$@" ;;
   bench)  # SEAL's hot paths against transformers (+ PEFT): sampling, answers, the inner loop, one ARC evaluation
     setup test
-    exec "$PY" bench.py "$@" ;;
+    exec "$PY" tools/bench.py "$@" ;;
   gpu-check)  # bash train.sh gpu-check [OUT_DIR] [--key=value ...]: one prepared GPU measurement (docs/gpu.md).
     # No set-up: the GPU machine has torch, transformers and peft but no network, so its own python runs it
     [ -x "$PY" ] || PY=python3
     if [ -n "${1:-}" ] && [ "${1#--}" = "$1" ]; then set -- "--out=$1" "${@:2}"; fi
-    exec "$PY" gpu_check.py "$@" ;;
+    exec "$PY" tools/gpu_check.py "$@" ;;
   knowledge)
     setup
     sub=run
@@ -128,7 +128,9 @@ case "$cmd" in
       cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
       if [ "$sub" = run ] && [ "$cores" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
     fi
-    launch domains.knowledge "$sub" "${preset[@]}" "$@" ;;
+    module=domains.knowledge  # the experiment; the studies around it: domains/knowledge_studies.py
+    [ "$sub" = run ] || module=domains.knowledge_studies
+    launch "$module" "$sub" "${preset[@]}" "$@" ;;
   -h|--help|help)  # the comment lines at the top, however many
     sed '1d;/^[^#]/,$d' "$0" ;;
   *)

@@ -322,8 +322,7 @@ class Arc(seal.Domain):
         self.rl_items = split["rl"]
         self.eval_items = split.get("eval_scored", split["eval"])  # paper: the 8 scored tasks, so k/40
         self.tasks = ttt.load_tasks(self.rl_items + self.eval_items)
-        if cfg.se_mode not in ("free", "prefix", "schema"):
-            raise SystemExit(f"--se_mode={cfg.se_mode!r}: expected free, prefix or schema")
+        settings.check_choice("se_mode", cfg.se_mode, ("free", "prefix", "schema"))
         self.answer_prefix = SKELETON_PREFIX if cfg.se_mode == "prefix" else ""
         lrs, epochs = cfg.se_lr_options.split(","), cfg.se_epoch_options.split(",")
         self.template = template(lrs, epochs) if cfg.se_mode == "schema" else None
@@ -375,8 +374,7 @@ class Arc(seal.Domain):
                              loss_on="completion" if edit.loss == "output" else "all", warmup=cfg.warmup,
                              schedule="cosine", seed=seed, adapter=adapter, max_len=cfg.max_len)
             out["train"] = {"steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 2),
-                            "tok_s": round(res.tokens_per_s), "loss_first": res.losses[0] if res.losses else None,
-                            "loss_last": res.losses[-1] if res.losses else None}
+                            "tok_s": round(res.tokens_per_s), **res.loss_ends()}
             if res.failed:
                 return {**out, "valid": False, "reason": f"training failed: {res.failed}"}
         t0 = time.time()

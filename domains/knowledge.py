@@ -2,25 +2,18 @@
 Knowledge incorporation as a SEAL domain (paper section 4.1, Table 2): the model reads a passage and writes a
 self-edit (implications of the passage, or rewrites, or questions and answers); a LoRA fine-tune on those lines
 and the passage puts them into the weights; the adapted model then answers questions about the passage
-*without seeing it*. Its accuracy is the reward; ReST-EM keeps each passage's best self-edit and clones it.
+*without seeing it*. Its accuracy is the table's score; the reward that ReST-EM ranks each passage's self-edits by is
+that accuracy, or another signal (--reward); it keeps each passage's best self-edit and clones it.
 
     python -m domains.knowledge run                      # what `bash train.sh knowledge` calls (Table 2's rows)
-    python -m domains.knowledge filter --configs=all:32:1e-3:10:1 --texts=passage,sentences,gold_qa
-                                                         # which inner loop (and --frame) lets a self-edit matter
-    python -m domains.knowledge prompts                  # what each prompt and temperature gives RL to choose from
-    python -m domains.knowledge reliability              # can the reward tell self-edits apart (two seeds each)
-    python -m domains.knowledge forget                   # catastrophic forgetting: edits merged one after another
-    python -m domains.knowledge squad --squad=dev-v1.1.json   # the paper's passage selection from SQuAD
 
-Data: a JSON list of {"title", "context", "questions": [{"question", "answer"}]} (the official format). The
-default is data/knowledge/: passages about fictional people, places and things, so that no model knows an answer
-beforehand and every gain is knowledge the inner loop put into the weights.
+The studies around it (which inner loop, which prompt, how reliable a reward, forgetting, SQuAD's selection) are
+commands of domains/knowledge_studies.py. Data: a JSON list of {"title", "context", "questions": [{"question",
+"answer"}]} (the official format). The default is data/knowledge/: passages about fictional people, places and
+things, so that no model knows an answer beforehand and every gain is knowledge the inner loop put into the weights.
 """
-import json
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -28,9 +21,9 @@ import lora
 import sampling
 import seal
 import settings
-from domains.knowledge_text import (CONTROLS, DATA, GRADERS, QA_MARKS, SELF_QA_START, answer_coverage,
+from domains.knowledge_text import (CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START, answer_coverage,
                                     judge_says_yes, load_passages, qa_pair, question_prompt, self_edit_lines,
-                                    self_edit_prompt, squad_selection, training_texts)
+                                    self_edit_prompt, training_texts)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -130,17 +123,11 @@ class Knowledge(seal.Domain):
 
     def __init__(self, cfg: KnowledgeConfig, tok):
         super().__init__(cfg, tok)
-        if cfg.grader not in (*GRADERS, "judge"):
-            raise SystemExit(f"--grader={cfg.grader!r}: expected {', '.join(GRADERS)} or judge")
+        for name, options in (("grader", (*GRADERS, "judge")), ("cpt_mode", ("lora", "full")), ("prompt", PROMPTS),
+                              ("frame", ("plain", "qa")), ("reward", ("accuracy", "loglik", "sampled"))):
+            settings.check_choice(name, getattr(cfg, name), options)
         if cfg.grader == "judge" and not cfg.judge:
             raise SystemExit("--grader=judge needs --judge=MODEL (a local model asked yes/no)")
-        if cfg.cpt_mode not in ("lora", "full"):
-            raise SystemExit(f"--cpt_mode={cfg.cpt_mode!r}: expected lora or full")
-        self_edit_prompt({"title": "", "context": ""}, cfg.prompt)  # a bad --prompt stops here
-        if cfg.frame not in ("plain", "qa"):
-            raise SystemExit(f"--frame={cfg.frame!r}: expected plain or qa")
-        if cfg.reward not in ("accuracy", "loglik", "sampled"):
-            raise SystemExit(f"--reward={cfg.reward!r}: expected accuracy, loglik or sampled")
         if cfg.reward == "sampled" and cfg.answer_samples < 1:
             raise SystemExit("--reward=sampled needs --answer_samples >= 1")
         if cfg.answer_samples and cfg.grader == "judge":  # N sampled answers per question would need N judge calls
@@ -159,11 +146,18 @@ class Knowledge(seal.Domain):
         self.answer_prefix = SELF_QA_START if cfg.prompt == "self-qa" else ""
         self.judge = Judge(cfg.judge, *settings.device_and_dtype(cfg)) if cfg.judge else None
 
+    @property
+    def score_name(self):
+        return f"greedy {self.cfg.grader}"  # the table's number: one greedy answer per question, graded
+
+    @property
+    def reward_name(self):
+        return self.score_name if self.cfg.reward == "accuracy" else self.cfg.reward
+
     def select(self, records):
-        """The official top-1 of k per passage, by mean accuracy, or by the gold answers' log-likelihood
-        (--reward=loglik); the table reports accuracy either way."""
-        key = self.cfg.reward if self.cfg.reward != "accuracy" else "reward"
-        return seal.best_per_item(records, lambda r: r[key])
+        """The official top-1 of k per passage by the reward: greedy accuracy (official), the gold answers'
+        log-likelihood or the sampled accuracy (--reward); the table counts greedy accuracy either way."""
+        return seal.best_per_item(records)
 
     def control_text(self, key, item):
         """The ceiling rows' self-edits (controls, like ARC's oracle): CONTROLS[key] of the passage."""
@@ -278,7 +272,7 @@ class Knowledge(seal.Domain):
         """Mean accuracy over eval_times inner-loop runs (one run without adaptation when text is None). Each run
         draws a fresh LoRA A, as the official server re-initialised its adapter on every request."""
         p = self.passages[item]
-        out = {"reward": 0.0, "valid": True, "reason": "", "title": p["title"]}
+        out = {"valid": True, "reason": "", "title": p["title"]}
         runs, scores = [], {}
         examples = self.sequences(p, text) if text is not None else None  # tokenized once for all runs
         for t in range(1 if text is None else self.cfg.eval_times):
@@ -286,8 +280,8 @@ class Knowledge(seal.Domain):
             if text is not None:
                 adapter.reset(seed=seed + t)
                 res = self.train(m, adapter, examples, seed + t)
-                run.update(sequences=len(examples), steps=res.steps, loss_first=res.losses[0] if res.losses else None,
-                           loss_last=res.losses[-1] if res.losses else None, train_seconds=round(res.seconds, 2))
+                run.update(sequences=len(examples), steps=res.steps, **res.loss_ends(),
+                           train_seconds=round(res.seconds, 2))
                 if res.failed:  # a non-finite loss: this run scores 0, the run goes on
                     run["failed"] = res.failed
                     runs.append(run)
@@ -305,11 +299,12 @@ class Knowledge(seal.Domain):
             runs.append(run)
         out["runs"] = runs
         out["accuracy"] = {name: sum(v) / len(v) for name, v in scores.items()}
-        out["reward"] = out["accuracy"][self.cfg.grader]  # what the table reports
+        out["score"] = out["accuracy"][self.cfg.grader]  # what the table counts
         mean = lambda xs, worst: sum(xs) / len(xs) if xs else worst  # a failed run has neither score
         out["loglik"] = mean([r["loglik"] for r in runs if "loglik" in r], float("-inf"))
         if self.cfg.answer_samples:
             out["sampled"] = mean([r["sampled"] for r in runs if "sampled" in r], 0.0)
+        out["reward"] = out["score"] if self.cfg.reward == "accuracy" else out[self.cfg.reward]  # what select ranks
         if text is not None and not self_edit_lines(text, self.cfg.prompt):
             out["empty"] = True  # nothing but the passage was trained
         if any("failed" in r for r in runs):
@@ -338,7 +333,7 @@ class Knowledge(seal.Domain):
                         p.requires_grad_(False)
         graded = self.grade(preds, where)
         acc = {name: sum(s) / len(s) for name, s in graded.items()}
-        return {"reward": acc[cfg.grader], "accuracy": acc, "weight": len(items), "valid": not res.failed,
+        return {"score": acc[cfg.grader], "accuracy": acc, "weight": len(items), "valid": not res.failed,
                 "reason": res.failed or "", "sequences": len(examples), "steps": res.steps,
                 "train_seconds": round(res.seconds, 2), "answers": preds}
 
@@ -347,7 +342,7 @@ class Knowledge(seal.Domain):
         recs = [r for r in records if "accuracy" in r]
         if not recs:
             return {}
-        weights = [r.get("weight", 1) for r in recs]
+        weights = [r["weight"] for r in recs]
         out = {name: sum(r["accuracy"][name] * w for r, w in zip(recs, weights)) / sum(weights)
                for name in recs[0]["accuracy"]}
         for name in ("loglik", "sampled"):
@@ -363,247 +358,9 @@ class Knowledge(seal.Domain):
         return out
 
 
-# -----------------------------------------------------------------------------
-# filter: which inner loop puts a passage into this model's weights (the paper's r32 on q, v teaches a 135M
-# model nothing; see docs/knowledge.md). forget: catastrophic forgetting. squad: the paper's passage selection.
-
-
-@dataclass
-class FilterConfig(KnowledgeConfig):
-    configs: str = "qv:32:1e-3:10"  # targets:rank:lr:epochs[:batch], targets qv (q_proj, v_proj) or all (7
-                                    # projections), batch the sequences per step (default --inner_batch)
-    texts: str = "passage"          # what each config trains, beside the passage: passage (nothing else), and
-                                    # the controls sentences, gold_qa (CONTROLS)
-    n_filter: int = 4               # passages to try each config on
-    filter_on: str = "rl"           # rl | eval: choose settings on RL passages, never on the evaluation ones
-    filter_seeds: int = 1           # inner-loop seeds per (config, text, passage)
-
-
-def parse_inner(spec, cfg):
-    """A config spec targets:rank:lr:epochs[:batch] as KnowledgeConfig overrides."""
-    try:
-        targets, rank, lr, epochs, *batch = spec.split(":")
-        return {"inner_targets": {"qv": "q_proj,v_proj", "all": ALL_PROJ}[targets], "inner_rank": int(rank),
-                "inner_alpha": 2.0 * int(rank), "inner_lr": float(lr), "inner_epochs": int(epochs),
-                "inner_batch": int(batch[0]) if batch else cfg.inner_batch, "eval_times": 1}
-    except (ValueError, KeyError, IndexError):
-        raise SystemExit(f"--configs: {spec!r} is not targets:rank:lr:epochs[:batch] (targets qv or all)") from None
-
-
-def filter_configs(argv):
-    """Which inner loop (and --frame) lets a self-edit's text matter: per config, the accuracy and gold-answer
-    log-likelihood after training on the passage alone and on the passage beside each control text (the passage's
-    own sentences; its gold Q/A, an upper bound). Written to --out/filter.json."""
-    cfg = settings.parse_overrides(FilterConfig(), argv)
-    if cfg.filter_on not in ("rl", "eval"):
-        raise SystemExit(f"--filter_on={cfg.filter_on!r}: expected rl or eval")
-    texts = cfg.texts.split(",")
-    unknown = [t for t in texts if t != "passage" and t not in CONTROLS]
-    if unknown:
-        raise SystemExit(f"--texts: unknown {unknown} (passage, {', '.join(CONTROLS)})")
-    learner = seal.Learner(cfg, cfg.model)
-    dom = Knowledge(cfg, learner.tok)
-    items = (dom.rl_items if cfg.filter_on == "rl" else dom.eval_items)[:cfg.n_filter]
-    text_of = lambda t, it: "" if t == "passage" else CONTROLS[t](dom.passages[it])
-    base = [learner.evaluate(dom, it, None, 0) for it in items]
-    show = lambda recs: (f"{cfg.grader} {sum(r['reward'] for r in recs) / len(recs):.3f}, "
-                         f"loglik {sum(r['loglik'] for r in recs) / len(recs):.2f}")
-    print(f"{len(items)} {cfg.filter_on} passages, frame {cfg.frame}; no adaptation: {show(base)}", flush=True)
-    out = {"items": items, "frame": cfg.frame, "grader": cfg.grader, "base": base, "configs": {}}
-    for spec in cfg.configs.split(","):
-        c = FilterConfig(**{**vars(cfg), **parse_inner(spec, cfg)})
-        learner.cfg, dom.cfg = c, c
-        learner.adapter.remove()
-        learner.inject()
-        for t in texts:
-            t0 = time.time()
-            recs = [learner.evaluate(dom, it, text_of(t, it), seal.stable_seed(cfg.seed, "filter", it, s))
-                    for it in items for s in range(cfg.filter_seeds)]
-            loss = sum(r["runs"][0]["loss_last"] or 0 for r in recs) / len(recs)
-            print(f"{spec} {t:>9}: {show(recs)}; final loss {loss:.3f}; {(time.time() - t0) / len(recs):.0f}s "
-                  f"per run", flush=True)
-            out["configs"].setdefault(spec, {})[t] = recs
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        seal.write_atomic(Path(cfg.out) / "filter.json", json.dumps(out, indent=1))
-    return out
-
-
-@dataclass
-class PromptsConfig(KnowledgeConfig):
-    prompts: str = "implications,rewrite,self-qa"   # the prompt variants to compare (knowledge_text.PROMPTS)
-    temperatures: str = "1.0,0.7"                  # the sampling temperatures to compare
-    n_passages: int = 6                           # RL passages (the first n of rl_data)
-
-
-def compare_prompts(argv):
-    """What each prompt and temperature gives RL to choose from, at no training cost: --rl_samples self-edits per RL
-    passage, their answer coverage (mean, and the best sample's) and lines. ReST-EM keeps the best of k, so a
-    prompt whose best samples state the facts asked about is what it can clone (docs/knowledge.md)."""
-    cfg = settings.parse_overrides(PromptsConfig(), argv)
-    learner = seal.Learner(cfg, cfg.model)
-    print(f"{cfg.n_passages} RL passages x {cfg.rl_samples} self-edits; coverage: the share of gold answers stated")
-    out = {}
-    for variant in cfg.prompts.split(","):
-        for t in map(float, cfg.temperatures.split(",")):
-            c = PromptsConfig(**{**vars(cfg), "prompt": variant})
-            dom = Knowledge(c, learner.tok)
-            items = dom.rl_items[:cfg.n_passages]
-            jobs = seal.sample_self_edits(learner.policy(), learner.tok, dom, items, cfg.rl_samples, c,
-                                          f"prompts-{variant}", temperature=t)
-            cov = [answer_coverage(dom.passages[j["item"]], j["text"]) for j in jobs]
-            best = [max(cov[i:i + cfg.rl_samples]) for i in range(0, len(cov), cfg.rl_samples)]
-            lines = sum(len(self_edit_lines(j["text"], variant)) for j in jobs) / len(jobs)
-            out[f"{variant}@{t:g}"] = {"coverage": sum(cov) / len(cov), "best_of_k": sum(best) / len(best),
-                                       "lines": lines, "texts": [j["text"] for j in jobs]}
-            print(f"{variant:>18} T={t:<4g} coverage {sum(cov) / len(cov):.2f}, best of {cfg.rl_samples} "
-                  f"{sum(best) / len(best):.2f}, {lines:.1f} lines", flush=True)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    seal.write_atomic(Path(cfg.out) / "prompts.json", json.dumps(out, indent=1))
-    return out
-
-
-@dataclass
-class ReliabilityConfig(KnowledgeConfig):
-    n_passages: int = 8             # RL passages (the first n of rl_data); k = --rl_samples self-edits each
-    retest_seeds: int = 2           # inner-loop runs of every self-edit, each its own seed
-
-
-def _pearson(x, y):
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    den = (x.square().sum() * y.square().sum()).sqrt()
-    return (x * y).sum().item() / den.item() if den > 0 else float("nan")
-
-
-def reliability_stats(v):
-    """v: (passages, k self-edits, seeds) rewards of one kind. What ReST-EM's best-of-k needs from a reward:
-    retest_r, the correlation of two seeds' rewards over the self-edits, and within_r, the same after removing
-    each passage's mean (best-of-k compares self-edits of one passage only); ties, the share of passages whose k
-    samples all score alike under the first seed; sample_sd, the spread between a passage's samples (their
-    seed-mean), against seed_sd, the spread between seeds of the same sample; agree, the share of passages whose
-    best sample is the same under the first two seeds."""
-    v = torch.as_tensor(v, dtype=torch.float64)
-    n, k, s = v.shape
-    a, b = v[..., 0], v[..., 1]
-    centred = lambda x: x - x.mean(1, keepdim=True)
-    return {"retest_r": _pearson(a.flatten(), b.flatten()),
-            "within_r": _pearson(centred(a).flatten(), centred(b).flatten()),
-            "ties": (a.max(1).values == a.min(1).values).double().mean().item(),
-            "sample_sd": v.mean(2).std(1).mean().item(),
-            "seed_sd": v.std(2).square().mean().sqrt().item(),
-            "agree": (a.argmax(1) == b.argmax(1)).double().mean().item()}
-
-
-def reliability(argv):
-    """Can the reward tell self-edits apart? Every one of k base-policy self-edits of n RL passages is evaluated
-    under --retest_seeds inner-loop seeds; per candidate reward, reliability_stats. If the spread between samples is
-    not clearly above the seed noise, best-of-k keeps noise and ReST-EM clones it (docs/knowledge.md). Resumable:
-    --out holds the samples and one line per evaluation."""
-    cfg = settings.parse_overrides(ReliabilityConfig(), argv)
-    if cfg.retest_seeds < 2:
-        raise SystemExit("--retest_seeds must be at least 2 (a retest needs two runs)")
-    cfg.eval_times = 1
-    cfg.answer_samples = cfg.answer_samples or 8  # the sampled-accuracy reward is one of the candidates
-    learner = seal.Learner(cfg, cfg.model)
-    dom = Knowledge(cfg, learner.tok)
-    items = dom.rl_items[:cfg.n_passages]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = seal.RunFolder(cfg, items={"reliability": items})
-    jobs = run.samples("reliability", lambda: seal.sample_self_edits(learner.policy(), learner.tok, dom, items,
-                                                                        cfg.rl_samples, cfg, "reliability"))
-    t0, todo = time.time(), [(j, s) for j in jobs for s in range(cfg.retest_seeds)
-                            if (f"seed{s}", j["item"], j["k"]) not in run.done]
-    for i, (j, s) in enumerate(todo):
-        seed = seal.stable_seed(cfg.seed, "reliability", j["item"], j["k"], s)
-        res = learner.evaluate(dom, j["item"], j["text"], seed)
-        run.log({"phase": f"seed{s}", "item": j["item"], "k": j["k"], "text": j["text"], **res})
-        eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
-        print(f"{i + 1}/{len(todo)} {j['item']} #{j['k']} seed {s}: {cfg.grader} {res['reward']:.2f}, sampled "
-              f"{res['sampled']:.2f}, loglik {res['loglik']:.2f}, ETA {seal.fmt_time(eta)}", flush=True)
-    k, seeds = cfg.rl_samples, range(cfg.retest_seeds)
-    rec = lambda it, kk, s: run.done[(f"seed{s}", it, kk)]
-    rewards = {**{g: lambda r, g=g: r["accuracy"][g] for g in GRADERS}, "loglik": lambda r: r["loglik"],
-               "sampled": lambda r: r["sampled"]}
-    table = {name: reliability_stats([[[fn(rec(it, kk, s)) for s in seeds] for kk in range(k)] for it in items])
-             for name, fn in rewards.items()}
-    n = len(items) * k * len(seeds)
-    means = {name: sum(fn(rec(it, kk, s)) for it in items for kk in range(k) for s in seeds) / n
-             for name, fn in rewards.items()}
-    print(f"\n{len(items)} RL passages x {k} self-edits x {len(seeds)} seeds, prompt {cfg.prompt}, frame {cfg.frame}")
-    print(f"{'reward':<10}{'mean':>8}{'retest r':>10}{'within r':>10}{'ties':>7}{'sample sd':>11}{'seed sd':>9}"
-          f"{'agree':>7}")
-    for name, st in table.items():
-        print(f"{name:<10}{means[name]:>8.3f}{st['retest_r']:>10.2f}{st['within_r']:>10.2f}{st['ties']:>7.2f}"
-              f"{st['sample_sd']:>11.3f}{st['seed_sd']:>9.3f}{st['agree']:>7.2f}")
-    result = {"items": items, "k": k, "seeds": len(seeds), "prompt": cfg.prompt, "frame": cfg.frame,
-              "means": means, "stats": table}
-    seal.write_atomic(out / "reliability.json", json.dumps(result, indent=1))
-    return result
-
-
-def forget(argv):
-    """Catastrophic forgetting (paper section 5): passages edited in sequence, each self-edit's adapter merged into
-    the weights in turn; after every step, the accuracy on every passage of the sequence. Row 0 is the base model."""
-    cfg = settings.parse_overrides(KnowledgeConfig(), argv)
-    learner = seal.Learner(cfg, cfg.model)
-    dom = Knowledge(cfg, learner.tok)
-    items = dom.eval_items[:cfg.n_forget]
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    acc = lambda it: dom.evaluate(learner.m, learner.adapter, it, None, 0)["reward"]
-    matrix = [[acc(it) for it in items]]
-    texts = []
-    for step, it in enumerate(items, 1):
-        job = seal.sample_self_edits(learner.policy(), learner.tok, dom, [it], 1, cfg, f"forget{step}")[0]
-        texts.append(job["text"])
-        learner.adapter.reset(seed=seal.stable_seed(cfg.seed, "forget", step))
-        dom.train(learner.m, learner.adapter, dom.sequences(dom.passages[it], job["text"]), seed=step)
-        learner.merge_adapter()
-        matrix.append([acc(j) for j in items])
-        print(f"after edit {step} ({it}): " + " ".join(f"{a:.2f}" for a in matrix[-1]), flush=True)
-    result = {"items": items, "titles": [dom.passages[i]["title"] for i in items], "grader": cfg.grader,
-              "matrix": matrix, "self_edits": texts, "model": cfg.model, "seed": cfg.seed}
-    seal.write_atomic(out / "forgetting.json", json.dumps(result, indent=2))
-    print(f"forgetting matrix (row i: after i merged edits; column j: passage j): {out / 'forgetting.json'}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return result
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xlabel("passage")
-    ax.set_ylabel("edits merged")
-    ax.set_title("accuracy after sequential self-edits")
-    fig.colorbar(im)
-    fig.savefig(out / "forgetting.png", dpi=120, bbox_inches="tight")
-    return result
-
-
-@dataclass
-class SquadConfig:
-    squad: str = ""                 # SQuAD v1.1 dev-v1.1.json (or train)
-    seed: int = 42
-    start: int = 0
-    n: int = 200
-    out: str = "data/knowledge/squad-eval.json"
-
-
-def squad(argv):
-    cfg = settings.parse_overrides(SquadConfig(), argv)
-    if not cfg.squad:
-        raise SystemExit("squad: give --squad=PATH/dev-v1.1.json")
-    sel = squad_selection(cfg.squad, cfg.seed, cfg.start, cfg.n)
-    Path(cfg.out).write_text(json.dumps(sel, indent=1) + "\n")
-    print(f"{len(sel)} passages, {sum(len(p['questions']) for p in sel)} questions -> {cfg.out}")
-
-
 def main(argv):
-    settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(KnowledgeConfig(), a), Knowledge),
-                             "filter": filter_configs, "prompts": compare_prompts, "reliability": reliability,
-                             "forget": forget, "squad": squad}, __doc__)
+    settings.dispatch(argv, {"run": lambda a: seal.run(settings.parse_overrides(KnowledgeConfig(), a), Knowledge)},
+                      __doc__)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,8 @@ QA_MARKS = ("Question:", "? Answer:", "\n")
 
 
 def self_edit_prompt(passage, variant):
-    """(instruction with the passage, answer header): the plain-text prompt is their concatenation."""
-    if variant not in PROMPTS:
-        raise SystemExit(f"--prompt={variant!r}: expected one of {', '.join(PROMPTS)}")
+    """(instruction with the passage, answer header): the plain-text prompt is their concatenation. The variant is
+    --prompt, checked against PROMPTS where the settings are (Knowledge)."""
     ask, header = PROMPTS[variant]
     return f"{ask}\n\nPassage:\n{passage['title']}\n{passage['context']}", header
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import bench
+from tools import bench
 
 
 def test_bench_writes_every_measurement(tiny_chat_dir, tmp_path):
@@ -95,7 +95,7 @@ def test_each_measurement_is_on_disk_as_soon_as_it_is_measured(tmp_path):
     import time
     from conftest import ROOT
     out = tmp_path / "bench.json"
-    proc = subprocess.Popen([sys.executable, "bench.py", "--model=random:tiny", "--only=inner_loop,sampling",
+    proc = subprocess.Popen([sys.executable, "tools/bench.py", "--model=random:tiny", "--only=inner_loop,sampling",
                              "--examples=2", "--prompt_min=20", "--prompt_max=40", "--completion_max=12",
                              "--samples=8", "--sample_tokens=4000", f"--out={out}"],  # a long sampling race
                             cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import compare
+from tools import compare
 
 
 def test_compare_puts_runs_side_by_side(tmp_path, capsys):
@@ -44,31 +44,32 @@ def test_two_items_give_the_hand_computed_interval():
     assert compare.cluster_bootstrap([[0.0], [1.0]], level=0.4) == (0.5, 0.5, 0.5)
 
 
-def write_run(d, seed, scores):
-    """A run folder: results.json and evals.jsonl, scores {row: {item: [(reward, sampled) per k]}}."""
+def write_run(d, seed, scores, key="score"):
+    """A run folder: results.json and evals.jsonl, scores {row: {item: [(score, sampled) per k]}}, the score under
+    `key` ("reward" in a record older than seal.RECORDS 2)."""
     d.mkdir()
     (d / "results.json").write_text(json.dumps({"seed": seed, "rows": [
         {"row": row, "rate": 0.0, "paper": "-", "metrics": {}} for row in scores]}))
-    lines = [{"phase": row, "item": it, "k": k, "reward": r, "sampled": s}
+    lines = [{"phase": row, "item": it, "k": k, key: r, "sampled": s}
              for row, items in scores.items() for it, ks in items.items() for k, (r, s) in enumerate(ks)]
-    lines.append({"phase": "cpt", "item": "all", "k": 0, "reward": 0.9, "weight": 2})  # pooled: no item
+    lines.append({"phase": "cpt", "item": "all", "k": 0, key: 0.9, "weight": 2})  # pooled: no item
     (d / "evals.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
 def test_rows_are_paired_by_item_and_seed_from_the_records(tmp_path, capsys):
-    """SEAL is the passage row + 0.2 on every item of both seeds (reward), so its interval is [0.2, 0.2]; against
+    """SEAL is the passage row + 0.2 on every item of both seeds (score), so its interval is [0.2, 0.2]; against
     self_edit it is +0.4 on e1 and 0 on e2 in both seeds; a self-edit row with 2 samples is their mean per item."""
     for seed, shift in ((0, 0.0), (1, 0.1)):  # the seed moves every row alike: pairing removes it
         write_run(tmp_path / f"s{seed}", seed, {
             "passage": {"e1": [(0.2 + shift, 0.1)], "e2": [(0.4 + shift, 0.3)]},
             "self_edit": {"e1": [(0.0 + shift, 0.1), (0.0 + shift, 0.1)], "e2": [(0.4 + shift, 0.2), (0.8 + shift, 0.2)]},
-            "seal": {"e1": [(0.4 + shift, 0.3)], "e2": [(0.6 + shift, 0.3)]}})
+            "seal": {"e1": [(0.4 + shift, 0.3)], "e2": [(0.6 + shift, 0.3)]}}, key=("score", "reward")[seed])
     out = compare.compare([tmp_path / "s0", tmp_path / "s1"])["paired"]
-    seal = out["reward"]["passage"]["seal"]
+    seal = out["score"]["passage"]["seal"]
     assert (seal["mean"], seal["lo"], seal["hi"], seal["items"], seal["seeds"]) == pytest.approx((0.2, 0.2, 0.2, 2, 2))
     # against self_edit: e1 +0.4, e2 0.0 (its two samples' mean is 0.6): resamples of 2 items give 0, 0.2 or 0.4
-    assert (out["reward"]["self_edit"]["seal"]["mean"], out["reward"]["self_edit"]["seal"]["lo"],
-            out["reward"]["self_edit"]["seal"]["hi"]) == pytest.approx((0.2, 0.0, 0.4))
+    assert (out["score"]["self_edit"]["seal"]["mean"], out["score"]["self_edit"]["seal"]["lo"],
+            out["score"]["self_edit"]["seal"]["hi"]) == pytest.approx((0.2, 0.0, 0.4))
     assert out["sampled"]["passage"]["seal"]["mean"] == pytest.approx(0.1)
-    assert "cpt" not in out["reward"]["passage"] and "passage" not in out["reward"]["passage"]
+    assert "cpt" not in out["score"]["passage"] and "passage" not in out["score"]["passage"]
     assert "+0.200 [+0.200, +0.200] 2x2" in capsys.readouterr().out

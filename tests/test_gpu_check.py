@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import gpu_check
+from tools import gpu_check
 from conftest import ROOT
 
 
@@ -113,7 +113,7 @@ def test_a_compiled_stage_cut_off_keeps_the_eager_result(tiny_chat_dir, tmp_path
     out, mirror = tmp_path / "check", tmp_path / "returned"
     args = tiny_args(out, tiny_chat_dir, "--stages=arc_eval,arc_eval_compiled", "--compile=true",
                      "--caps=arc_eval_compiled:4", f"--mirror={mirror}")
-    proc = subprocess.Popen([sys.executable, "gpu_check.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "tools/gpu_check.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         seen = lambda: json.loads((mirror / "gpu-check.json").read_text())["stages"] if (mirror / "gpu-check.json"

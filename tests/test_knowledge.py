@@ -1,6 +1,6 @@
-"""Knowledge incorporation (domains/knowledge_text.py, domains/knowledge.py): graders, self-edit splitting, the
-shipped data, and the domain through the shared loop on a tiny random model (end to end, resume, CPT, forgetting,
-bad input)."""
+"""Knowledge incorporation (domains/knowledge_text.py, domains/knowledge.py, domains/knowledge_studies.py): graders,
+self-edit splitting, the shipped data, and the domain through the shared loop on a tiny random model (end to end,
+resume, CPT, the reward, forgetting, bad input)."""
 import json
 import re
 import subprocess
@@ -15,6 +15,7 @@ import seal
 import settings
 from conftest import ROOT
 from domains import knowledge as kn
+from domains import knowledge_studies as ks
 from domains import knowledge_text as kt
 
 SEAL_REF = ROOT.parent / "shared" / "seal-ref" / "knowledge"
@@ -213,7 +214,7 @@ def test_full_fine_tune_cpt_puts_the_weights_back(tiny):
 
 
 def test_forgetting_matrix(tiny, tmp_path):
-    res = kn.forget([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
+    res = ks.forget([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
                      "--n_forget=2", "--chat=true", "--se_max_tokens=8", "--inner_epochs=1", "--answer_tokens=4",
                      f"--out={tmp_path}", "--rounds=1"])
     saved = json.loads((tmp_path / "forgetting.json").read_text())
@@ -221,7 +222,7 @@ def test_forgetting_matrix(tiny, tmp_path):
     cfg = config(tiny, "unused")
     learner = seal.Learner(cfg, cfg.model)
     dom = kn.Knowledge(cfg, learner.tok)
-    assert saved["matrix"][0] == [learner.evaluate(dom, it, None, 0)["reward"] for it in dom.eval_items]
+    assert saved["matrix"][0] == [learner.evaluate(dom, it, None, 0)["score"] for it in dom.eval_items]
     assert res["matrix"] == saved["matrix"]
 
 
@@ -326,10 +327,10 @@ def test_loglik_reward_is_higher_after_learning_the_gold_answers(smollm2_dir, tm
 def test_reliability_stats_pinned():
     v = [[[0.2, 0.2], [0.6, 0.6], [0.4, 0.4]],   # samples differ and seeds agree: a reward ReST-EM can use
          [[0.0, 0.2], [0.4, 0.6], [0.8, 1.0]]]
-    st = kn.reliability_stats(v)
+    st = ks.reliability_stats(v)
     assert 0.9 < st["retest_r"] < 1 and st["within_r"] == pytest.approx(1.0)  # seeds shift passage 2 by 0.2
     assert st["ties"] == 0 and st["agree"] == 1 and st["seed_sd"] == pytest.approx(0.1)
-    noise = kn.reliability_stats([[[0.0, 0.4], [0.4, 0.0]], [[0.2, 0.2], [0.2, 0.2]]])  # all of it seed noise
+    noise = ks.reliability_stats([[[0.0, 0.4], [0.4, 0.0]], [[0.2, 0.2], [0.2, 0.2]]])  # all of it seed noise
     assert noise["within_r"] == pytest.approx(-1.0) and noise["ties"] == 0.5 and noise["sample_sd"] == 0
     assert noise["agree"] == 0.5
 
@@ -337,16 +338,16 @@ def test_reliability_stats_pinned():
 def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
     args = [f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}", "--chat=true",
             "--se_max_tokens=8", "--inner_epochs=1", "--answer_tokens=4", "--rounds=1"]
-    res = kn.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])
+    res = ks.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])
     saved = json.loads((tmp_path / "r" / "reliability.json").read_text())
     assert saved["stats"].keys() == {"exact", "f1", "lenient", "loglik", "sampled"}
     assert json.dumps(saved) == json.dumps(res)  # (a reward that never varies has a NaN correlation)
     evals = (tmp_path / "r" / "evals.jsonl").read_text().splitlines()
     assert len(evals) == 2 * 2 * 2 and {json.loads(x)["phase"] for x in evals} == {"seed0", "seed1"}
-    again = kn.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])  # resumed
+    again = ks.reliability([*args, "--n_passages=2", "--rl_samples=2", f"--out={tmp_path / 'r'}"])  # resumed
     assert json.dumps(again) == json.dumps(res)
     assert len((tmp_path / "r" / "evals.jsonl").read_text().splitlines()) == 8
-    out = kn.filter_configs([*args, "--n_filter=1", "--configs=all:4:1e-3:1:1", "--texts=passage,gold_qa",
+    out = ks.filter_configs([*args, "--n_filter=1", "--configs=all:4:1e-3:1:1", "--texts=passage,gold_qa",
                              f"--out={tmp_path / 'f'}"])
     assert out["items"] == ["r000"] and set(out["configs"]["all:4:1e-3:1:1"]) == {"passage", "gold_qa"}
     run = out["configs"]["all:4:1e-3:1:1"]["gold_qa"][0]["runs"][0]
@@ -354,17 +355,41 @@ def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
     assert run["sequences"] == n + 1 and run["steps"] == n + 1  # one pair per question, the passage; batch 1
 
 
-def test_rewards_are_checked_and_select_by_the_chosen_score(tiny):
+def test_rewards_are_checked_and_the_record_holds_the_reward_beside_the_score(tiny):
     tok = checkpoint.load(str(tiny))[1]
     for bad, msg in (({"reward": "bleu"}, "--reward='bleu'"), ({"reward": "sampled"}, "needs --answer_samples"),
                      ({"frame": "json"}, "--frame='json'"),
                      ({"answer_samples": 4, "grader": "judge", "judge": "x"}, "not --grader=judge")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             kn.Knowledge(config(tiny, "unused", **bad), tok)
-    recs = [{"item": "r0", "k": 0, "reward": 0.4, "loglik": -3.0, "sampled": 0.1},
-            {"item": "r0", "k": 1, "reward": 0.2, "loglik": -1.0, "sampled": 0.3}]
-    pick = lambda **kw: [r["k"] for r in kn.Knowledge(config(tiny, "unused", **kw), tok).select(recs)]
-    assert pick() == [0] and pick(reward="loglik") == [1] and pick(reward="sampled", answer_samples=2) == [1]
+    cfg = config(tiny, "unused", reward="loglik")
+    learner = seal.Learner(cfg, cfg.model)
+    rec = learner.evaluate(kn.Knowledge(cfg, learner.tok), "e000", None, 0)
+    assert rec["reward"] == rec["loglik"] < 0 and rec["score"] == rec["accuracy"]["lenient"] == 0
+
+
+class ScriptedSamples(kn.Knowledge):
+    """The sampled accuracy a known function of the evaluation's seed: a random model answers nothing right, so every
+    real one would be 0 and tie; what is tested is what the loop does with the reward."""
+
+    def sampled_accuracy(self, m, passage, seed):
+        return seed % 7 / 7
+
+
+def test_best_of_k_keeps_the_highest_reward_and_the_log_prints_it(tiny, tmp_path, capsys):
+    """--reward=sampled: each record's "reward" is its sampled accuracy, the E-step keeps each passage's highest, not
+    the greedy score's (all 0 here: a tie keeps the first sampled), and the log prints the reward under its name."""
+    seal.run(config(tiny, tmp_path, rows="seal", reward="sampled", answer_samples=1), ScriptedSamples)
+    out = capsys.readouterr().out
+    rl = [r for r in recs_of(tmp_path) if r["phase"] == "rl1"]
+    assert len(rl) == 4 and all(r["reward"] == r["sampled"] and r["score"] == 0 for r in rl)
+    best = {it: max((r for r in rl if r["item"] == it), key=lambda r: r["reward"]) for it in ("r000", "r001")}
+    assert any(r["k"] != 0 for r in best.values())  # where keeping by the greedy score would differ
+    kept = ScriptedSamples(config(tiny, "unused", reward="sampled", answer_samples=1), None).select(rl)
+    assert kept == list(best.values())
+    for r in rl:
+        assert f"{r['item']} #{r['k']}: reward (sampled) {r['reward']:.3g}, greedy lenient 0; " in out
+    assert f"reward (sampled) sum {sum(r['reward'] for r in rl):.3g}" in out
 
 
 def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
@@ -372,13 +397,13 @@ def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
     assert kt.answer_coverage(QA_P, "Built in 1909 by Lionel.") == 0.0 and kt.answer_coverage(QA_P, "In 1908.") == 0.5
     dom = kn.Knowledge(config(tiny, "unused"), checkpoint.load(str(tiny))[1])
     p = dom.passages["e000"]
-    recs = [{"item": "e000", "accuracy": {"lenient": 0.0}, "text": kt.gold_qa(p)},
-            {"item": "e000", "accuracy": {"lenient": 0.0}, "text": "Nothing true."}]
+    recs = [seal.with_defaults({"item": "e000", "accuracy": {"lenient": 0.0}, "text": kt.gold_qa(p)}),
+            seal.with_defaults({"item": "e000", "accuracy": {"lenient": 0.0}, "text": "Nothing true."})]
     assert dom.metrics(recs)["answer_coverage"] == 0.5
 
 
 def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
-    out = kn.compare_prompts([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
+    out = ks.compare_prompts([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
                               "--chat=true", "--se_max_tokens=6", "--rounds=1", "--n_passages=2", "--rl_samples=2",
                               "--prompts=rewrite,self-qa", "--temperatures=1.0,0.5", f"--out={tmp_path}"])
     assert list(out) == ["rewrite@1", "rewrite@0.5", "self-qa@1", "self-qa@0.5"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import ROOT
 from domains import arc
 from domains import knowledge as kn
-from gpu_check import preset
+from tools.gpu_check import preset
 
 
 def results(out):

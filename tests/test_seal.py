@@ -81,6 +81,7 @@ def test_the_loop_keeps_exactly_the_rewarded_and_clones_them(tiny_dir, tmp_path)
     assert m_step["examples"] == len(kept) and sorted(m_step["items"]) == sorted(r["item"] for r in kept)
     assert m_step["steps"] == 4 * -(-len(kept) // 2)  # 4 epochs of batches of 2
     assert all(r["untouched"] for r in recs)  # every evaluation started from a zero adapter
+    assert all(r["valid"] and r["weight"] == 1 and r["score"] == r["reward"] for r in recs)  # the record's defaults
     assert not any("shared_with" in r for r in recs)  # a seed per self-edit: equal texts are separate draws
     # the M-step cloned "yes": the merged policy prefers it more than the base model did
     assert p_yes(tmp_path / "policy-round1") > p_yes(tiny_dir) + 0.1
@@ -157,7 +158,7 @@ def test_a_control_row_evaluates_the_domains_text_for_each_item(tiny_dir, tmp_pa
 
 
 def test_rows_are_checked_and_a_run_folder_knows_its_domain(tiny_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown row\(s\) \['oracle'\]"):
+    with pytest.raises(SystemExit, match=re.escape("--rows='oracle': expected one of none, fixed, base, rl")):
         seal.run(config(tiny_dir, tmp_path / "a", rows="base,oracle"), Fake)
     seal.RunFolder(config(tiny_dir, tmp_path / "b"))
     with pytest.raises(SystemExit, match="other settings.*config: 'FakeConfig' there, 'RunConfig' now"):

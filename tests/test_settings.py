@@ -1,19 +1,22 @@
 """settings.py: --key=value overrides and --help, which lists a command's settings with their values and the
 comments written beside the fields, for every command that has settings."""
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-import bench
 import sampling
 import settings
 from conftest import ROOT
 from domains import arc
 from domains import knowledge as kn
+from domains import knowledge_studies as ks
+from tools import bench
 
 
 @dataclass
@@ -49,8 +52,10 @@ def test_help_lists_every_setting_with_its_value_and_comment(capsys):
 
 
 @pytest.mark.parametrize("command", [
-    lambda: kn.main(["run", "--help"]), lambda: arc.main(["run", "-h"]), lambda: kn.main(["filter", "--help"]),
-    lambda: sampling.cli_generate(["--help"]), lambda: bench.parse_args(["--help"])])
+    lambda: kn.main(["run", "--help"]), lambda: arc.main(["run", "-h"]), lambda: ks.main(["filter", "--help"]),
+    lambda: ks.main(["prompts", "--help"]), lambda: ks.main(["reliability", "--help"]),
+    lambda: ks.main(["forget", "--help"]), lambda: sampling.cli_generate(["--help"]),
+    lambda: bench.parse_args(["--help"])])
 def test_every_command_answers_help(command, capsys):
     with pytest.raises(SystemExit) as stop:
         command()
@@ -68,7 +73,13 @@ def test_a_domains_help_shows_its_own_and_the_shared_settings(capsys):
     assert "self-edits per RL passage" in out  # knowledge's comment on a shared field wins over the shared one
     with pytest.raises(SystemExit) as stop:
         kn.main(["--help"])  # no command: the module's commands
-    assert stop.value.code == 0 and "python -m domains.knowledge forget" in capsys.readouterr().out
+    assert stop.value.code == 0 and "python -m domains.knowledge run" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        ks.main(["--help"])  # the studies' commands
+    assert stop.value.code == 0 and "python -m domains.knowledge_studies forget" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        ks.main(["squad", "--help"])
+    assert stop.value.code == 0 and "--squad=" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--help lists the settings"):
         kn.main(["run", "n_eval=3"])
 
@@ -80,6 +91,14 @@ def test_train_sh_passes_help_through_with_its_preset():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--max_eval=" in res.stdout and "--inner_lr=" in res.stdout
     assert res.stdout.count("settings (KnowledgeConfig)") == 1  # --help is not sharded over processes
+    res = subprocess.run(["bash", "train.sh", "knowledge", "forget", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "SEAL_VENV": sys.prefix}, timeout=300)
+    assert res.returncode == 0 and "--n_forget=" in res.stdout and "--inner_lr=" in res.stdout  # a study, preset
+
+
+def test_a_setting_outside_its_options_stops_naming_them():
+    with pytest.raises(SystemExit, match=re.escape("--dtype='fp16': expected one of auto, fp32, bf16")):
+        settings.device_and_dtype(SimpleNamespace(device="cpu", dtype="fp16"))
 
 
 def test_more_processes_than_gpus_exit_with_the_reason():

