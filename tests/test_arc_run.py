@@ -129,11 +129,12 @@ def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
     arc_domain.filter_tasks([f"--model={tiny_dir}", "--ids=5582e5ca", "--fmt=compact",
                              "--configs=basic:all:1e-3:1,basic+size+chain+repeat:output:3e-3:2",
                              "--seeds=0,1", "--max_examples=2", "--max_len=2048"])
-    header, line = capsys.readouterr().out.strip().splitlines()
+    header, task, first, second = capsys.readouterr().out.strip().splitlines()
     assert "seeds [0, 1]" in header
-    assert line.startswith("5582e5ca (truth 888/888/888): basic:all:1e-3:1=0/2 (")
-    assert "basic+size+chain+repeat:output:3e-3:2=0/2 (" in line
-    assert line.count("said 0; 0") == 2  # one answer per seed: a random model writes no valid grid
+    assert task == "5582e5ca (truth 888/888/888):"  # one test input
+    assert first.startswith("  basic:all:1e-3:1=0/2 (")  # a line per configuration, as it finishes
+    assert second.startswith("  basic+size+chain+repeat:output:3e-3:2=0/2 (")
+    assert "said 0; 0" in first and "said 0; 0" in second  # one answer per seed: a random model writes no valid grid
 
 
 def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
