@@ -259,3 +259,11 @@ def test_m_step_on_pinned_records_moves_the_options_to_the_kept_configuration(ti
     learner.m_step(records, "rl1", tmp_path / "policy-round1")
     assert greedy("6150a2bd")[0] == kept  # the RL task it was kept for
     assert greedy("5582e5ca")[0] == kept  # and the evaluation task: one global setting
+
+
+def test_filter_says_when_a_solve_needs_several_test_inputs(tiny_dir, capsys):
+    """25ff71a9 has two test inputs: its truth line shows the first and says a solve needs the other too."""
+    arc_domain.filter_tasks([f"--model={tiny_dir}", "--ids=25ff71a9", "--fmt=compact", "--configs=basic:all:1e-3:1",
+                             "--seeds=0", "--max_examples=2", "--max_len=2048"])
+    task = capsys.readouterr().out.strip().splitlines()[1]
+    assert task.startswith("25ff71a9 (truth ") and task.endswith(", and 1 more test input(s)):")
