@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -430,7 +430,7 @@ class FilterConfig(ArcConfig):
     max_side: int = 6
     skip: str = ""
     configs: str = "basic+size+chain+repeat:output:3e-3:2,basic+size+chain+repeat:all:1e-3:1"  # SelfEdit specs
-    seeds: str = "0"                # each seed draws other TTT examples, as each --seed of a run does
+    seeds: str = "0"                # run seeds: seed s draws the TTT data and views `run --seed=s` draws
 
 
 def filter_tasks(argv):
@@ -446,7 +446,11 @@ def filter_tasks(argv):
         ids = sorted((i for i in pool if side[i] <= cfg.max_side), key=lambda i: side[i])
     ids = [i for i in ids if i not in cfg.skip.split(",")]
     learner = seal.Learner(cfg, cfg.model)
-    dom = Arc(FilterConfig(**{**vars(cfg), "split": _write_split(ids)}), learner.tok)
+    split = _write_split(ids)
+    # a domain per run seed, so that seed s scores a configuration on exactly the draw (TTT data, training order,
+    # answer views) that `run --seed=s` gives every self-edit of that task: the filter predicts the run's reward
+    doms = {s: Arc(replace(cfg, split=split, seed=s), learner.tok) for s in seeds}
+    dom = doms[seeds[0]]
     flat = lambda g: "/".join("".join(map(str, row)) for row in g)
     said = lambda r: " or ".join(flat(a) for a in r["attempts"][0]) if "attempts" in r else r["reason"]
     print(f"{len(ids)} candidate tasks; configs {cfg.configs.split(',')}; seeds {seeds}", flush=True)
@@ -456,10 +460,11 @@ def filter_tasks(argv):
         print(f"{i} (truth {flat(tests[0][1].tolist())}{more}):", flush=True)
         for spec, edit in zip(cfg.configs.split(","), edits):
             t0 = time.time()
-            rs = [learner.evaluate(dom, i, edit.to_json(), seed=s) for s in seeds]
+            rs = [learner.evaluate(d, i, edit.to_json(), seed=d.evaluation_seed(None, i, 0)) for d in doms.values()]
             got = "; ".join(said(r) for r in rs)
-            print(f"  {spec}={sum(r['reward'] == 1 for r in rs)}/{len(rs)} ({time.time() - t0:.0f}s; said {got})",
-                  flush=True)
+            loss = "; ".join(f"{r['train']['loss_last']:.4g}" if "train" in r else "-" for r in rs)
+            print(f"  {spec}={sum(r['reward'] == 1 for r in rs)}/{len(rs)} ({time.time() - t0:.0f}s; said {got}; "
+                  f"last loss {loss})", flush=True)
 
 
 def _write_split(ids):

@@ -137,6 +137,21 @@ def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
     assert "said 0; 0" in first and "said 0; 0" in second  # one answer per seed: a random model writes no valid grid
 
 
+def test_filter_seed_is_the_runs_draw(tiny_dir, capsys):
+    """Filter seed s scores a configuration on the draw `run --seed=s` gives that task, so it predicts the reward."""
+    spec, common = "basic+size:output:3e-3:2", dict(model=str(tiny_dir), fmt="compact", max_examples=3, max_len=2048)
+    arc_domain.filter_tasks([f"--{k}={v}" for k, v in common.items()] + ["--ids=6150a2bd", "--seeds=1,2",
+                                                                          f"--configs={spec}"])
+    printed = capsys.readouterr().out.strip().splitlines()[-1].split("last loss ")[1].rstrip(")").split("; ")
+    cfg = arc_domain.ArcConfig(**common, split=str(tiny_dir / "split.json"), seed=2)  # a run's domain, seed 2
+    learner = seal.Learner(cfg, cfg.model)
+    dom = arc_domain.Arc(cfg, learner.tok)
+    rec = learner.evaluate(dom, "6150a2bd", arc_domain.SelfEdit.from_spec(spec).to_json(),
+                           dom.evaluation_seed("rl1", "6150a2bd", 0))
+    assert printed[1] == f"{rec['train']['loss_last']:.4g}"  # seed 2: the run's own draw
+    assert printed[0] != printed[1]  # and seed 1 is another draw
+
+
 def test_policy_prints_each_fields_option_probabilities(tiny_dir, capsys):
     tops = {}
 
