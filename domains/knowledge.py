@@ -21,9 +21,9 @@ import lora
 import sampling
 import seal
 import settings
-from domains.knowledge_text import (CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START, answer_coverage,
-                                    judge_says_yes, load_passages, qa_pair, question_prompt, self_edit_lines,
-                                    self_edit_prompt, training_texts)
+from domains.knowledge_text import (CONSTRAINED, CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START,
+                                    answer_coverage, judge_says_yes, load_passages, qa_pair, question_prompt,
+                                    self_edit_lines, self_edit_prompt, training_texts)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -49,7 +49,8 @@ class KnowledgeConfig(seal.RunConfig):
     se_max_tokens: int = 8192
     prompt: str = "implications"    # implications | implications-long | rewrite | self-qa | qa-lines (ours: the
                                     # "Question:"/"Answer:" markers forced, every word between them the model's)
-    qa_pairs: int = 5               # --prompt=qa-lines: question-answer lines per self-edit
+                                    # | rewrite-qa (ours: free rewrite lines, then qa-lines' forced pairs)
+    qa_pairs: int = 5               # --prompt=qa-lines, rewrite-qa: question-answer lines per self-edit
     chat: bool = False              # the chat format (instruct models); the paper's base model takes plain text
     frame: str = "plain"            # how a self-edit line is trained: plain ("{title}\n{line}", official) | qa (a
                                     # line that is a question and its answer is trained as the question the
@@ -141,8 +142,8 @@ class Knowledge(seal.Domain):
         overlap = {p["context"] for p in ev} & {p["context"] for p in rl}
         if overlap:
             raise SystemExit(f"{len(overlap)} passage(s) are in both eval_data and rl_data: RL must not see them")
-        if cfg.prompt == "qa-lines" and cfg.qa_pairs < 1:
-            raise SystemExit("--prompt=qa-lines needs --qa_pairs >= 1")
+        if cfg.prompt in CONSTRAINED and cfg.qa_pairs < 1:
+            raise SystemExit(f"--prompt={cfg.prompt} needs --qa_pairs >= 1")
         self.answer_prefix = SELF_QA_START if cfg.prompt == "self-qa" else ""
         self.judge = Judge(cfg.judge, *settings.device_and_dtype(cfg)) if cfg.judge else None
 
@@ -180,23 +181,31 @@ class Knowledge(seal.Domain):
         each "Question:", the model's question up to its "?", "? Answer:", the model's answer up to the line's end
         (QA_MARKS). SmolLM2-135M's free self-QA rarely parsed as pairs (docs/knowledge.md); here every line does
         (a pair whose question or answer came out empty is left out), so --frame=qa trains each line as the
-        evaluation's question, answered. Other prompts: free text (seal.Domain.sample)."""
-        if self.cfg.prompt != "qa-lines":
+        evaluation's question, answered. --prompt=rewrite-qa: first the model's own rewrite lines, free, in half
+        of --se_max_tokens (up to where it starts a question itself), then the same forced pairs in the other half.
+        Other prompts: free text (seal.Domain.sample)."""
+        if self.cfg.prompt not in CONSTRAINED:
             return super().sample(m, tok, prompts, n, temperature, seeds)
         ask, then, end = QA_MARKS
         rows = [(p, s, k) for p, s in zip(prompts, seeds) for k in range(n)]  # one row per sample
         pairs = [[] for _ in rows]
+        qa_tokens, free = self.cfg.se_max_tokens, [""] * len(rows)
+        if self.cfg.prompt == "rewrite-qa":
+            qa_tokens //= 2
+            free = self._continue(m, tok, rows, free, (ask, "Question"), self.cfg.se_max_tokens - qa_tokens,
+                                  temperature, ("free",))
+            free = [f.strip() + "\n" if f.strip() else "" for f in free]
         text = lambda kept: "".join(f"{ask}{q}{then}{a}{end}" for q, a in kept)
-        budget = max(4, self.cfg.se_max_tokens // (2 * self.cfg.qa_pairs))  # tokens per question, per answer
+        budget = max(4, qa_tokens // (2 * self.cfg.qa_pairs))  # tokens per question, per answer
         for line in range(self.cfg.qa_pairs):
-            heads = [text(kept) + ask for kept in pairs]
+            heads = [f + text(kept) + ask for f, kept in zip(free, pairs)]
             questions = self._continue(m, tok, rows, heads, ("?", "\n", "---"), budget, temperature, (line, "q"))
             heads = [h + q + then for h, q in zip(heads, questions)]
             answers = self._continue(m, tok, rows, heads, ("\n", "---"), budget, temperature, (line, "a"))
             for kept, q, a in zip(pairs, questions, answers):
                 if q.strip() and a.strip():
                     kept.append((q.rstrip(), a.rstrip()))
-        return [tok.encode(text(kept).rstrip("\n")) for kept in pairs]
+        return [tok.encode((f + text(kept)).rstrip("\n")) for f, kept in zip(free, pairs)]
 
     def _continue(self, m, tok, rows, heads, stop, budget, temperature, where):
         """Each row's free continuation of its prompt + head, up to the first stop string (not kept). A row's seed

@@ -77,10 +77,15 @@ PROMPTS = {
                 "Questions and answers:"),
     "qa-lines": ("Write questions about the passage, each followed by its answer, covering every fact in it, one "
                  "per line: Question: ...? Answer: ...", "Questions and answers:"),
+    "rewrite-qa": ("Rewrite the passage in a few different ways, keeping every fact, one rewrite per line. Then write "
+                   "questions about the passage, each followed by its answer, one per line: Question: ...? Answer: "
+                   "...", "Rewrites, then questions and answers:"),
 }
+CONSTRAINED = ("qa-lines", "rewrite-qa")  # the prompts whose question-answer lines the sampler forces
 SELF_QA_START = "Question 1: "  # a self-qa completion starts here (official)
-# --prompt=qa-lines: the sampler forces these markers and the model writes everything between them (a question up
-# to its "?", an answer up to the end of its line), so every line parses with qa_pair (domains/knowledge.py)
+# --prompt=qa-lines (and rewrite-qa, after the model's own free rewrite lines): the sampler forces these markers
+# and the model writes everything between them (a question up to its "?", an answer up to the end of its line), so
+# every line parses with qa_pair (domains/knowledge.py)
 QA_MARKS = ("Question:", "? Answer:", "\n")
 
 

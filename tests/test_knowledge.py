@@ -432,3 +432,28 @@ def test_qa_lines_force_the_markers_so_every_line_parses_and_the_qa_frame_trains
         assert [ids for _, ids in seqs] == [tok.encode(t) + [tok.eos_id] for t in framed + [f"{p['title']}\n{p['context']}"]]
     again = seal.sample_self_edits(learner.policy(), tok, dom, dom.rl_items[::-1], 3, cfg, "rl1")  # other batching
     assert sorted(j["text"] for j in again) == sorted(j["text"] for j in jobs)
+
+
+def test_rewrite_qa_is_the_models_free_lines_then_forced_pairs_the_qa_frame_trains(tiny):
+    """--prompt=rewrite-qa: the model's own rewrite text comes first, free (no forced marker in it), then exactly the
+    qa-lines part: every later line parses as a pair. --frame=qa trains the pairs as questions, the rewrite lines
+    plain after the title."""
+    cfg = config(tiny, "unused", prompt="rewrite-qa", frame="qa", qa_pairs=2, se_max_tokens=32, se_temperature=1.0)
+    learner = seal.Learner(cfg, cfg.model)
+    tok, dom = learner.tok, kn.Knowledge(cfg, learner.tok)
+    jobs = seal.sample_self_edits(learner.policy(), tok, dom, dom.rl_items, 3, cfg, "rl1")
+    assert len({j["text"] for j in jobs}) == len(jobs) == 6
+    frees = 0
+    for j in jobs:
+        lines = kt.self_edit_lines(j["text"], cfg.prompt)
+        first_q = next(i for i, line in enumerate(lines) if line.startswith("Question:"))
+        free, qa = lines[:first_q], lines[first_q:]
+        frees += len(free)
+        assert 1 <= len(qa) <= 2 and all(kt.qa_pair(line) for line in qa)
+        assert "Question:" not in " ".join(free)  # the free part stops before any question of the model's own
+        p = dom.passages[j["item"]]
+        want = ([f"{p['title']}\n{line}" for line in free]
+                + [dom._text(tok, *kt.question_prompt(p, {"question": q})) + a for q, a in map(kt.qa_pair, qa)]
+                + [f"{p['title']}\n{p['context']}"])
+        assert [ids for _, ids in dom.sequences(p, j["text"])] == [tok.encode(t) + [tok.eos_id] for t in want]
+    assert frees > 0  # a random model writes some free text in 16 tokens
