@@ -91,6 +91,8 @@ def test_the_loop_keeps_exactly_the_rewarded_and_clones_them(tiny_dir, tmp_path)
     assert table["base"]["total"] == table["rl"]["total"] == 4
     assert table["rl"]["choices"]["said"]["yes"] == table["rl"]["score"]
     assert res["rounds"][0]["rewarded"] == len(kept)
+    assert res["rounds"][0]["kept_choices"]["said"] == {"yes": len(kept), "no": 0}  # what the M-step cloned
+    assert res["rounds"][0]["choices"]["said"]["no"] > 0  # against all it sampled
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
 
 
