@@ -77,6 +77,14 @@ launch() {  # launch MODULE ARGS...: one process, or N processes through torchru
   exec "$PY" -m "${args[@]}"
 }
 
+cpu_shards() {  # cpu_shards SUB ARGS...: "--nproc=2" for a CPU preset's `run` on 2+ cores, else nothing.
+  # Two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards, and a
+  # later --nproc=1 wins (plain `nproc` would report OMP_NUM_THREADS when it is set)
+  local cores
+  cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+  if [ "$1" = run ] && [ "$cores" -ge 2 ] && [[ " ${*:2} " != *" --help "* ]]; then echo --nproc=2; fi
+}
+
 has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
 
 cmd=${1:-}
@@ -92,10 +100,14 @@ case "$cmd" in
     case "${1:-}" in run|filter|policy) sub=$1; shift ;; esac
     if has_gpu; then  # the paper's setting (docs/official.md §1): Llama-3.2-1B-Instruct, bf16
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
-    else  # SmolLM2-135M on 2 CPU cores (docs/arc.md: "The tiny preset")
-      preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema
-              --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=4 --eval_samples=1
-              --max_examples=24 --warmup=2 --sft_lr=1e-3 --oracle=basic+size+chain+repeat:output:3e-3:6)
+    else  # SmolLM2-135M on 2 CPU cores (docs/arc.md: "The tiny preset"): bf16 weights, 2 processes. At this
+      # budget only 4 or 6 epochs solve (best with lr 3e-3), which the base policy picks about once in 10 samples
+      # at 0.8 (3e-3 with them: once in 400), so the E-step samples hot: at 16, 4 or 6 epochs in half the samples
+      preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema --dtype=bf16
+              --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=6 --rl_temperature=16
+              --eval_samples=2 --max_examples=24 --warmup=2 --sft_lr=1e-3
+              --oracle=basic+size+chain+repeat:output:3e-3:6)
+      preset+=($(cpu_shards "$sub" "$@"))
     fi
     launch domains.arc "$sub" "${preset[@]}" "$@" ;;
   bench)  # SEAL's hot paths against transformers (+ PEFT): sampling, answers, the inner loop, one ARC evaluation
@@ -123,10 +135,7 @@ case "$cmd" in
               --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
               --cpt_lr=3e-3 --cpt_epochs=15 --cpt_batch=16)
-      # two processes of one thread each beat one process of two threads (docs/speed.md); only `run` shards, and
-      # a later --nproc=1 wins (plain `nproc` would report OMP_NUM_THREADS when it is set)
-      cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
-      if [ "$sub" = run ] && [ "$cores" -ge 2 ] && [[ " $* " != *" --help "* ]]; then preset+=(--nproc=2); fi
+      preset+=($(cpu_shards "$sub" "$@"))
     fi
     module=domains.knowledge  # the experiment; the studies around it: domains/knowledge_studies.py
     [ "$sub" = run ] || module=domains.knowledge_studies
