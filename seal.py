@@ -508,17 +508,18 @@ def rest_em_round(run_dir, learner, domain, cfg, r, progress=None):
 
 def round_summaries(run_dir, domain, rounds):
     """Per ReST-EM round: how many sampled self-edits were valid and rewarded, what they and the kept ones chose
-    (the E-step's view of the policy, before its M-step), and what the M-step did."""
+    (the E-step's view of the policy, before its M-step), their metrics, and what the M-step did."""
     out = []
     for r in range(1, rounds + 1):
         recs = [v for (phase, _, _), v in run_dir.done.items() if phase == f"rl{r}"]
         if not recs:
             break
         ms = run_dir.dir / f"policy-round{r}" / "m_step.json"  # absent when the round kept nothing
+        kept = domain.select(recs)
         out.append({"round": r, "samples": len(recs), "valid": sum(x["valid"] for x in recs),
                     "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
-                    "kept_choices": domain.choices(domain.select(recs)),
-                    "metrics": domain.metrics(recs), "m_step": json.loads(ms.read_text()) if ms.exists() else None})
+                    "metrics": domain.metrics(recs), "kept_choices": domain.choices(kept), "kept_metrics":
+                    domain.metrics(kept), "m_step": json.loads(ms.read_text()) if ms.exists() else None})
     return out
 
 
@@ -554,6 +555,9 @@ def report(run_dir, cfg, domain, rows, records):
         for key, what in (("choices", "sampled"), ("kept_choices", "kept")):
             if any(r[key].values()):
                 print(f"  rl{r['round']} {what:>7} {chose(r[key])}")
+        for key, what in (("metrics", "sampled"), ("kept_metrics", "kept")):
+            if r[key]:
+                print(f"  rl{r['round']} {what:>7}: " + ", ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
     for r in rounds:
         ms = r["m_step"]
         what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['losses'][0]:.3g} -> "

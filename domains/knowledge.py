@@ -22,8 +22,8 @@ import sampling
 import seal
 import settings
 from domains.knowledge_text import (CONSTRAINED, CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START,
-                                    answer_coverage, judge_says_yes, load_passages, qa_pair, question_prompt,
-                                    self_edit_lines, self_edit_prompt, training_texts)
+                                    answer_coverage, distinct_ngrams, judge_says_yes, load_passages, qa_pair,
+                                    question_prompt, self_edit_lines, self_edit_prompt, training_texts)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -347,7 +347,8 @@ class Knowledge(seal.Domain):
                 "train_seconds": round(res.seconds, 2), "answers": preds}
 
     def metrics(self, records):
-        """Every grader's mean accuracy side by side, and how many lines the self-edits had."""
+        """Every grader's mean accuracy side by side, and of the self-edits: their lines, how many gold answers they
+        state, and how varied they are (distinct word bigrams, pooled)."""
         recs = [r for r in records if "accuracy" in r]
         if not recs:
             return {}
@@ -364,6 +365,9 @@ class Knowledge(seal.Domain):
                                          for r in with_text) / len(with_text)
             out["answer_coverage"] = sum(answer_coverage(self.passages[r["item"]], r["text"])
                                          for r in with_text) / len(with_text)
+            distinct = distinct_ngrams([r["text"] for r in with_text])
+            if distinct is not None:
+                out["distinct_2"] = distinct
         return out
 
 

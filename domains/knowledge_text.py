@@ -187,6 +187,15 @@ def answer_coverage(passage, text):
     return sum(lenient(text, q["answer"]) for q in passage["questions"]) / len(passage["questions"])
 
 
+def distinct_ngrams(texts, n=2):
+    """The share of distinct word n-grams among all the n-grams of the texts, pooled (distinct-n): 1.0 when no
+    n-gram repeats, falling as the texts share a template. RL-trained self-edit writers are reported to collapse onto
+    a few templates (issue 24), so each round logs it for the self-edits it sampled and for those it kept.
+    None when the texts hold no n-gram."""
+    grams = [tuple(w[i:i + n]) for w in (normalize(t).split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
 def judge_says_yes(reply):
     """The official rule: yes only if "yes" appears and "no" does not."""
     words = re.findall(r"[a-z]+", reply.lower())

@@ -167,6 +167,12 @@ class Counting(kn.Knowledge):
         return super().evaluate(m, adapter, item, text, seed)
 
 
+def m_step_k(recs, item):
+    """The k the E-step keeps for an RL passage: the best reward, the first sampled on a tie."""
+    rl = [r for r in recs if r["phase"] == "rl1" and r["item"] == item]
+    return max(rl, key=lambda r: (r["reward"], -r["k"]))["k"]
+
+
 def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     Counting.calls.clear()
     Counting.crash_at = 5
@@ -191,6 +197,12 @@ def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     assert all(r["empty"] and r["runs"][0]["sequences"] == 1 for r in passage)  # the passage alone
     m_step = json.loads((tmp_path / "a" / "policy-round1" / "m_step.json").read_text())
     assert sorted(m_step["items"]) == ["r000", "r001"]  # best of k: one self-edit per RL passage, whatever its score
+    (rnd,) = res["rounds"]  # the round logs how varied its sampled and its kept self-edits are
+    kept = [r["text"] for r in recs if r["phase"] == "rl1" and r["k"] == m_step_k(recs, r["item"])]
+    assert rnd["kept_metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams(kept))
+    assert rnd["metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams([r["text"] for r in recs
+                                                                             if r["phase"] == "rl1"]))
+    assert rnd["kept_metrics"] != rnd["metrics"]  # 2 kept of 4 sampled
     Counting.calls.clear()
     straight = seal.run(config(tiny, tmp_path / "b"), Counting)
     assert straight["rows"] == res["rows"]
@@ -457,3 +469,13 @@ def test_rewrite_qa_is_the_models_free_lines_then_forced_pairs_the_qa_frame_trai
                 + [f"{p['title']}\n{p['context']}"])
         assert [ids for _, ids in dom.sequences(p, j["text"])] == [tok.encode(t) + [tok.eos_id] for t in want]
     assert frees > 0  # a random model writes some free text in 16 tokens
+
+
+def test_distinct_bigrams_fall_as_self_edits_share_a_template():
+    varied = ["The tower was built in 1908.", "Marta Oldcastle kept the light for forty years."]
+    assert kt.distinct_ngrams(varied) == 1.0  # no bigram repeats
+    template = ["The passage says the tower was built in 1908.", "The passage says the keeper was Marta."]
+    # SQuAD's normaliser drops "the": 6 + 4 bigrams, "passage says" in both
+    assert kt.distinct_ngrams(template) == pytest.approx(9 / 10)
+    assert kt.distinct_ngrams(varied * 2) == 0.5  # the same texts twice: half the bigrams are repeats
+    assert kt.distinct_ngrams(["one", ""]) is None  # no bigram at all
