@@ -1,8 +1,9 @@
 """
 The run folder (everything a SEAL run needs to resume after kill -9, and to read or plot its results), its one
-writer, and the processes torchrun starts. Domain-free: seal.py's loop writes through it.
+writer, the processes torchrun starts, and the run's progress line. Domain-free: seal.py's loop writes through it.
 """
 import ctypes
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -235,3 +236,30 @@ class RunFolder:
             (folder / "DONE").write_text("ok\n" if m_step is not None else "unchanged\n")
         self.ranks.barrier()
         return str(folder) if m_step is not None and not self.ranks.main else ""
+
+
+# -----------------------------------------------------------------------------
+# Progress: what a long run prints about itself
+
+
+def fmt_time(s):
+    return f"{s / 3600:.1f}h" if s > 5400 else f"{s / 60:.1f}m" if s > 90 else f"{s:.0f}s"
+
+
+@dataclasses.dataclass
+class Progress:
+    """The whole run's ETA: evaluations left (all phases, all ranks) times this process's mean seconds over its
+    last 8 evaluations (the first phases, with no self-edit to train on, are cheaper than the rest), shared over
+    the ranks. Sampling and M-steps are not counted: a rough estimate, on the low side."""
+    total: int
+    done: int = 0                   # finished before this process started (read from the run folder)
+    world: int = 1
+    n: int = 0
+    recent: list = dataclasses.field(default_factory=list)
+
+    def tick(self, seconds) -> str:
+        """One evaluation done in `seconds` (None: a shared record, which took no time)."""
+        self.n, self.recent = self.n + 1, (self.recent + [seconds])[-8:] if seconds is not None else self.recent
+        left = max(0, self.total - self.done - self.n * self.world)
+        eta = left / self.world * sum(self.recent) / max(1, len(self.recent))
+        return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(eta)}"

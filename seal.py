@@ -27,7 +27,8 @@ import torch
 import checkpoint
 import lora
 import settings
-from run_folder import Ranks, RunFolder, hold_lock, write_atomic  # noqa: F401 (part of seal's interface)
+# part of seal's interface: domains and tools use seal.RunFolder, seal.fmt_time, ...
+from run_folder import Progress, Ranks, RunFolder, fmt_time, hold_lock, write_atomic  # noqa: F401
 from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
@@ -216,10 +217,6 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def fmt_time(s):
-    return f"{s / 3600:.1f}h" if s > 5400 else f"{s / 60:.1f}m" if s > 90 else f"{s:.0f}s"
-
-
 def phase_tag(phase, ranks=None) -> str:
     """A log line's prefix: the phase, and this process's rank under torchrun."""
     return f"[{phase}]" if ranks is None or ranks.world == 1 else f"[{phase} rank {ranks.rank}]"
@@ -321,25 +318,6 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
     return [{"item": it, "k": k, "prompt_ids": prompts[j], "ids": outs[j][k],
              "text": domain.answer_prefix + tok.decode(outs[j][k])}
             for j, it in enumerate(items) for k in range(n)]
-
-
-@dataclass
-class Progress:
-    """The whole run's ETA: evaluations left (all phases, all ranks) times this process's mean seconds over its
-    last 8 evaluations (the first phases, with no self-edit to train on, are cheaper than the rest), shared over
-    the ranks. Sampling and M-steps are not counted: a rough estimate, on the low side."""
-    total: int
-    done: int = 0                   # finished before this process started (read from the run folder)
-    world: int = 1
-    n: int = 0
-    recent: list = dataclasses.field(default_factory=list)
-
-    def tick(self, seconds) -> str:
-        """One evaluation done in `seconds` (None: a shared record, which took no time)."""
-        self.n, self.recent = self.n + 1, (self.recent + [seconds])[-8:] if seconds is not None else self.recent
-        left = max(0, self.total - self.done - self.n * self.world)
-        eta = left / self.world * sum(self.recent) / max(1, len(self.recent))
-        return f"run {self.total - left}/{self.total}, run ETA ~{fmt_time(eta)}"
 
 
 def planned_evaluations(domain, rows, cfg, last_round) -> int:
