@@ -103,10 +103,10 @@ case "$cmd" in
     else  # SmolLM2-135M on 2 CPU cores (docs/arc.md: "The tiny preset"): bf16 weights, 2 processes. At this
       # budget only 4 or 6 epochs solve (best with lr 3e-3), which the base policy picks about once in 10 samples
       # at 0.8 (3e-3 with them: once in 400), so the E-step samples hot: at 16, 4 or 6 epochs in half the samples.
-      # The M-step at lr 3e-3: at 1e-3 one kept self-edit moved "3e-" but not its last digit (lr 3e-4 kept 0.5-0.6)
+      # The M-step stays at lr 1e-3: at 3e-3 it cloned one kept self-edit whole and solved less (docs/arc.md)
       preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema --dtype=bf16
               --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=6 --rl_temperature=16
-              --eval_samples=2 --max_examples=24 --warmup=2 --sft_lr=3e-3
+              --eval_samples=2 --max_examples=24 --warmup=2 --sft_lr=1e-3
               --oracle=basic+size+chain+repeat:output:3e-3:6)
       preset+=($(cpu_shards "$sub" "$@"))
     fi
