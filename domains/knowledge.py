@@ -192,7 +192,7 @@ class Knowledge(seal.Domain):
         qa_tokens, free = self.cfg.se_max_tokens, [""] * len(rows)
         if self.cfg.prompt == "rewrite-qa":
             qa_tokens //= 2
-            free = self._continue(m, tok, rows, free, (ask, "Question"), self.cfg.se_max_tokens - qa_tokens,
+            free = self._continue(m, tok, rows, free, ("Question",), self.cfg.se_max_tokens - qa_tokens,
                                   temperature, ("free",))
             free = [f.strip() + "\n" if f.strip() else "" for f in free]
         text = lambda kept: "".join(f"{ask}{q}{then}{a}{end}" for q, a in kept)
