@@ -167,12 +167,6 @@ class Counting(kn.Knowledge):
         return super().evaluate(m, adapter, item, text, seed)
 
 
-def m_step_k(recs, item):
-    """The k the E-step keeps for an RL passage: the best reward, the first sampled on a tie."""
-    rl = [r for r in recs if r["phase"] == "rl1" and r["item"] == item]
-    return max(rl, key=lambda r: (r["reward"], -r["k"]))["k"]
-
-
 def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     Counting.calls.clear()
     Counting.crash_at = 5
@@ -198,7 +192,7 @@ def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     m_step = json.loads((tmp_path / "a" / "policy-round1" / "m_step.json").read_text())
     assert sorted(m_step["items"]) == ["r000", "r001"]  # best of k: one self-edit per RL passage, whatever its score
     (rnd,) = res["rounds"]  # the round logs how varied its sampled and its kept self-edits are
-    kept = [r["text"] for r in recs if r["phase"] == "rl1" and r["k"] == m_step_k(recs, r["item"])]
+    kept = [r["text"] for r in seal.best_per_item([r for r in recs if r["phase"] == "rl1"])]
     assert rnd["kept_metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams(kept))
     assert rnd["metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams([r["text"] for r in recs
                                                                              if r["phase"] == "rl1"]))
