@@ -130,8 +130,9 @@ case "$cmd" in
       # docs/knowledge.md "SEAL's effect at 135M": the paper's batch-1 inner loop on all 7 projections (where a
       # self-edit's lines can teach), the rewrite prompt (the most answers covered), the sampled-accuracy reward
       # (the one whose ranking survives a second inner-loop seed), bf16 (1.7x fp32 on this CPU)
-      preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=8 --max_rl=8
-              --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal_r1,seal
+      # All 24 evaluation passages (120 questions): at 40 the greedy rows' paired intervals were too wide (issue 24)
+      preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=24 --max_rl=8
+              --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal
               --prompt=rewrite --se_max_tokens=192
               --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
