@@ -73,3 +73,15 @@ def test_rows_are_paired_by_item_and_seed_from_the_records(tmp_path, capsys):
     assert out["sampled"]["passage"]["seal"]["mean"] == pytest.approx(0.1)
     assert "cpt" not in out["score"]["passage"] and "passage" not in out["score"]["passage"]
     assert "+0.200 [+0.200, +0.200] 2x2" in capsys.readouterr().out
+
+
+def test_items_keeps_the_first_n_items_of_the_paired_differences(tmp_path):
+    """--items=1 keeps e1 only (+0.4 against self_edit in both seeds), where all items give the mean of +0.4 and 0."""
+    for seed in (0, 1):
+        write_run(tmp_path / f"s{seed}", seed, {"self_edit": {"e1": [(0.0, 0.1)], "e2": [(0.4, 0.2)]},
+                                                "seal": {"e1": [(0.4, 0.3)], "e2": [(0.4, 0.3)]}})
+    runs = [tmp_path / "s0", tmp_path / "s1"]
+    first = compare.compare(runs, max_items=1)["paired"]["score"]["self_edit"]["seal"]
+    every = compare.compare(runs)["paired"]["score"]["self_edit"]["seal"]
+    assert (first["mean"], first["lo"], first["hi"], first["items"]) == pytest.approx((0.4, 0.4, 0.4, 1))
+    assert (every["mean"], every["items"]) == pytest.approx((0.2, 2))

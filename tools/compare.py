@@ -7,6 +7,10 @@ runs, with a 95% cluster-bootstrap interval that resamples items, each with all 
 
     python tools/compare.py runs/kp-s0 runs/kp-s1 runs/kp-s2
     python tools/compare.py --against=base runs/arc-s0 runs/arc-s1          # ARC: against the base policy's row
+    python tools/compare.py --items=8 runs/kp-s0 runs/kp-s1 runs/kp-s2      # the paired part on the first 8 items
+
+--items=N keeps the first N items (sorted names: e000..e007 are the first 8 evaluation passages) in the paired
+differences, so one set of runs shows how an interval's width shrinks with the number of items.
 
 Pairing removes what two rows share: the item's difficulty and the run's seed. Inner-loop seeds are shared only
 where the domain seeds an evaluation by its item (ARC, docs/arc.md); knowledge draws one per self-edit, so its
@@ -24,7 +28,7 @@ MEASURES = {"score": "the table's score (knowledge: greedy accuracy by --grader,
 RESAMPLES, LEVEL, RNG_SEED = 10_000, 0.95, 0
 
 
-def compare(dirs, against=AGAINST):
+def compare(dirs, against=AGAINST, max_items=0):
     """The headline rate of every row, per seed, with the mean and the sample sd over seeds; then each extra metric
     the rows carry (a domain's `metrics`, e.g. knowledge's sampled accuracy) as mean +- sd over seeds; then the
     paired differences (`paired`)."""
@@ -54,7 +58,7 @@ def compare(dirs, against=AGAINST):
             line += f"{'%.3f+-%.3f' % mean_sd(got):>16}" if got else f"{'-':>16}"
         if names:
             print(line)
-    return {"rows": out, "paired": paired(dirs, against.split(","), keys)}
+    return {"rows": out, "paired": paired(dirs, against.split(","), keys, max_items)}
 
 
 def mean_sd(xs):
@@ -99,9 +103,10 @@ def cluster_bootstrap(diffs, resamples=RESAMPLES, level=LEVEL, seed=RNG_SEED):
     return float(d.mean()), float(lo), float(hi)
 
 
-def paired(dirs, against, rows):
+def paired(dirs, against, rows, max_items=0):
     """For each measure, each row against each reference row: the differences over the items both rows have in the
-    runs that hold both, their mean and cluster-bootstrap interval. {measure: {ref: {row: {...}}}}."""
+    runs that hold both (the first `max_items` of them, 0: all), their mean and cluster-bootstrap interval.
+    {measure: {ref: {row: {...}}}}."""
     scores = [item_scores(d) for d in dirs]
     out = {}
     for m, what in MEASURES.items():
@@ -111,6 +116,7 @@ def paired(dirs, against, rows):
             for row in rows:
                 both = [s[m] for s in scores if row != ref and row in s.get(m, {}) and ref in s.get(m, {})]
                 items = sorted(set.intersection(*(set(b[row]) & set(b[ref]) for b in both))) if both else []
+                items = items[:max_items or None]
                 if items:
                     diffs = [[b[row][it] - b[ref][it] for b in both] for it in items]
                     mean, lo, hi = cluster_bootstrap(diffs)
@@ -135,8 +141,9 @@ def paired(dirs, against, rows):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    opts = [a for a in args if a.startswith("--against=")]
-    dirs = [a for a in args if a not in opts]
-    if not dirs or len(opts) > 1 or any(a.startswith("--") for a in dirs):
-        raise SystemExit("usage: python tools/compare.py [--against=ROW,ROW] RUN_DIR [RUN_DIR ...]")
-    compare(dirs, opts[0].split("=", 1)[1] if opts else AGAINST)
+    opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    dirs = [a for a in args if not a.startswith("--")]
+    if not dirs or len(dirs) + len(opts) != len(args) or set(opts) - {"against", "items"} \
+            or not opts.get("items", "0").isdigit():
+        raise SystemExit("usage: python tools/compare.py [--against=ROW,ROW] [--items=N] RUN_DIR [RUN_DIR ...]")
+    compare(dirs, opts.get("against", AGAINST), int(opts.get("items", 0)))
