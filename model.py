@@ -186,6 +186,17 @@ class DecodeCache:
         self.slot += 1
         self.pos += 1
 
+    def select(self, rows: torch.Tensor, prompts: torch.Tensor, n: int):
+        """Keep only `rows` (B'*n indices into the current rows, each prompt's n' rows adjacent) of the prompts
+        `prompts` (B' indices into the current prompts): decoding drops finished samples (sampling.generate_ids).
+        New shapes, so not for a compiled or CUDA-graph step."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.pos, self.prefix_keep, self.n = self.pos[rows], self.prefix_keep[rows], n
+        prefix = object.__new__(KVCache)
+        prefix.k, prefix.v = self.prefix.k.index_select(1, prompts), self.prefix.v.index_select(1, prompts)
+        prefix.valid, prefix.len = self.prefix.valid[prompts], self.prefix.len
+        self.prefix = prefix
+
     def keep(self, span):
         """(B*n, 1, 1, P + span) bool: the prompt's real tokens and the samples' tokens written so far."""
         written = (torch.arange(span, device=self.slot.device) <= self.slot).expand(self.prefix_keep.shape[0], span)

@@ -47,14 +47,19 @@ def stop_after_ids(tok, stop, vocab_size) -> list:
 
 
 @torch.no_grad()
-def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0):
+def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0,
+                 compact=None):
     """prompts: token-id lists. Returns len(prompts) * n completions (token-id lists, samples of a prompt
     adjacent). A completion ends before its stop token, or after a token that contains a stop string.
     seed: one per prompt (a list), or an int s for seeds s, s+1, ... Prompt j's n samples draw their uniforms from
     a generator seeded with seed j alone, so what a prompt samples does not depend on the other prompts of its
     batch, or on how prompts are batched (up to float rounding that changes with the batch's shape).
     The tokens stay on the device until the end: on a GPU the host looks at them once every 16 steps (to end
-    early when every row is done), not once per token."""
+    early when every row is done), not once per token.
+    compact (default: on a CPU): drop finished samples from the batch once that makes it at least a quarter
+    smaller (`compact_rows`). Short answers end at different steps (sampled knowledge answers: 40% of the rows
+    still run, on average, docs/speed.md), and on a CPU a step's cost grows with its rows. Off on a GPU: new shapes
+    would recompile a compiled step, and a small batch's step there costs about the same whatever its rows."""
     dev = m.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -83,17 +88,55 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
     out = torch.full((B * n, max_new_tokens), -1, dtype=torch.long, device=dev)  # -1: no token
     done = torch.zeros(B * n, dtype=torch.bool, device=dev)
     check = 1 if dev.type == "cpu" else 16  # a host sync costs nothing on a CPU
+    compact = dev.type == "cpu" if compact is None else compact
+    rows, real = None, None  # after a compaction: each decoded row's output row, and False at padding rows
+    prompts_now = torch.arange(B, device=dev)  # the prompts in the cache, as indices into `prompts`
     steps = 0
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, None if uniforms is None else uniforms[:, t])
-        ends = torch.isin(nxt, stop_now)
-        out[:, t] = torch.where(done | ends, -1, nxt)
-        done |= ends | torch.isin(nxt, stop_after)
+        u = None if uniforms is None else uniforms[:, t] if rows is None else uniforms[rows, t]
+        nxt = sample_next(logits, temperature, top_p, u)
+        at, new = (slice(None), nxt) if rows is None else (rows[real], nxt[real])
+        ends = torch.isin(new, stop_now)
+        out[at, t] = torch.where(done[at] | ends, -1, new)
+        done[at] |= ends | torch.isin(new, stop_after)
         steps = t + 1
         if steps == max_new_tokens or steps % check == 0 and bool(done.all()):
             break
+        if compact:
+            picked = compact_rows(done, B, n, rows, real, len(nxt))
+            if picked is not None:
+                sel, keep_prompts, width, rows, real = picked
+                cache.select(sel, torch.searchsorted(prompts_now, keep_prompts), width)
+                prompts_now = keep_prompts
+                logits, nxt = logits[sel], nxt[sel]
         logits = m.decode(nxt[:, None], cache)
     return [[t for t in row if t >= 0] for row in out[:, :steps].tolist()]  # the one transfer to the host
+
+
+def compact_rows(done, B, n, rows, real, width_now, shrink=0.75):
+    """Which rows to keep decoding, or None if dropping the finished ones would not make the batch at least a
+    quarter smaller (each compaction copies the samples' caches). done: (B*n,) per output row; rows, real: the
+    current rows' output rows and padding mask (None: all B*n rows, in order). The prompts with a sample left keep
+    a group of n' rows each, n' their largest number of live samples, so the prompt cache is still read once per
+    prompt (DecodeCache); a smaller group is padded with copies of one of its live rows, whose tokens are never
+    written. Returns (rows to keep, as indices into the current rows; the prompts kept; n'; their output rows;
+    the padding mask), the prompts as indices into all B."""
+    live = ~done.view(B, n)
+    counts = live.sum(1)
+    width = int(counts.max())
+    keep_prompts = counts.nonzero()[:, 0]
+    if width == 0 or len(keep_prompts) * width > shrink * width_now:
+        return None
+    out_rows, pad = [], []
+    for p in keep_prompts.tolist():
+        ids = (live[p].nonzero()[:, 0] + p * n).tolist()
+        out_rows += ids + [ids[0]] * (width - len(ids))
+        pad += [False] * len(ids) + [True] * (width - len(ids))
+    out_rows = torch.tensor(out_rows, device=done.device)
+    where = torch.arange(B * n, device=done.device) if rows is None else \
+        torch.full((B * n,), -1, dtype=torch.long, device=done.device).index_put_(
+            (rows[real],), real.nonzero()[:, 0])  # output row -> its (unpadded) current row
+    return where[out_rows], keep_prompts, width, out_rows, ~torch.tensor(pad, device=done.device)
 
 
 @torch.no_grad()

@@ -140,3 +140,29 @@ def test_gpu_prefill_attention_gives_the_masked_results(m, prompts, monkeypatch)
     torch.testing.assert_close(got[0][keep], want[0][keep], rtol=1e-5, atol=1e-5)  # pad rows' values are unused
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     assert got[2] == want[2]
+
+
+def test_dropping_finished_samples_gives_the_same_tokens(m, monkeypatch):
+    """On a CPU, generate_ids drops finished samples from the batch (compact_rows). With a fifth of the
+    vocabulary ending a sample, rows end at different steps: the batch shrinks more than once, its prompts'
+    groups shrink and are padded, and every sample's tokens equal those of the batch that never shrinks."""
+    class ManyStops(StubTok):
+        stop_ids = set(range(70, 90))
+
+    shapes = []  # the (rows, prompts, group width) of each compaction; the real select runs underneath
+    select = sampling.model_lib.DecodeCache.select
+    monkeypatch.setattr(sampling.model_lib.DecodeCache, "select",
+                        lambda self, rows, prompts, n: (shapes.append((len(rows), len(prompts), n)),
+                                                        select(self, rows, prompts, n))[1])
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 60, (k,), generator=g).tolist() for k in (4, 9, 2, 6, 12)]
+    for temperature in (1.0, 0.0):
+        shapes.clear()
+        whole = sampling.generate_ids(m, ManyStops(), prompts, 30, temperature, n=4, seed=3, compact=False)
+        assert shapes == []
+        shrunk = sampling.generate_ids(m, ManyStops(), prompts, 30, temperature, n=4, seed=3, compact=True)
+        assert shrunk == whole
+        if temperature > 0:
+            assert len(shapes) >= 2 and shapes[-1][0] < 20
+            assert any(p < 5 for _, p, _ in shapes) and any(w < 4 for _, _, w in shapes)
+            assert len({len(s) for s in whole}) > 3  # the samples really ended at different steps
