@@ -250,7 +250,7 @@ def test_the_cpu_presets_counts_are_caps(tiny):
     small = dom(f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}")  # 2 passages each, 2 rounds
     assert small.eval_items == ["e000", "e001"] and small.rl_items_for_round(2) == ["r001"]
     shipped = dom()
-    assert len(shipped.eval_items) == 8 and shipped.rl_items_for_round(2) == [f"r{i:03d}" for i in range(8, 16)]
+    assert len(shipped.eval_items) == 24 and shipped.rl_items_for_round(2) == [f"r{i:03d}" for i in range(8, 16)]
     assert len(dom("--n_eval=12").eval_items) == 12
     with pytest.raises(SystemExit, match=re.escape("has 2 passages, 3 asked for")):
         dom(f"--eval_data={tiny / 'ev.json'}", "--n_eval=3")
