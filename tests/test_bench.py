@@ -14,13 +14,19 @@ def test_bench_writes_every_measurement(tiny_chat_dir, tmp_path):
                             "--samples=3", "--sample_tokens=6", "--answer_tokens=3", f"--out={out}"])
     res = bench.main(cfg)
     saved = json.loads(out.read_text())
-    assert set(saved) >= {"sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers", "arc_eval",
-                          "device", "dtype", "model", "date"}
-    for key in ("sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers"):
+    assert set(saved) >= {"sampling", "answers", "inner_loop", "arc_inner", "knowledge_inner", "knowledge_answers",
+                          "arc_eval", "device", "dtype", "model", "date"}
+    for key in ("sampling", "answers", "inner_loop", "arc_inner", "knowledge_inner", "knowledge_answers"):
         assert saved[key]["speedup"] > 0 and saved[key]["ours_tok_s"] > 0 and saved[key]["theirs_tok_s"] > 0
     assert saved["sampling"]["samples_per_prompt"] == 3 and saved["answers"]["prompts"] == 40
     # the knowledge preset's shapes: bf16, batch 1 (one step per sequence), every token after the first a target;
     # its reward's sampling: 8 answers to each of 10 questions
+    # the ARC preset's: inner_loop's data and adapter (fp32 on a CPU) on bf16 weights
+    arc, fp32 = saved["arc_inner"], saved["inner_loop"]
+    assert arc["dtype"] == "torch.bfloat16" and fp32["dtype"] == "torch.float32"
+    assert (arc["real_tokens"], arc["lora_params"], arc["steps"]) == (fp32["real_tokens"], fp32["lora_params"],
+                                                                      fp32["steps"])
+    assert arc["first_loss_ours"] == pytest.approx(fp32["first_loss_ours"], abs=5e-2)
     kn = saved["knowledge_inner"]
     assert kn["dtype"] == "torch.bfloat16" and kn["steps"] == kn["examples"] == 12
     assert kn["target_tokens"] == kn["real_tokens"] - 12 and kn["padded_tokens_baseline"] == kn["real_tokens"]

@@ -11,13 +11,15 @@ SEAL's hot paths, ours against the usual stack on the same model, weights and da
               clip 1.0; cosine
   arc_eval    one whole ARC self-edit evaluation (TTT data, inner loop, augmented greedy answers, vote), seconds
               per phase (ours only: there is no reference to run)
+  arc_inner   the ARC CPU preset's inner loop at its dtype: inner_loop's shapes on bf16 weights (issue 27)
   knowledge_inner    the knowledge CPU preset's inner loop at its own shapes, in bf16 (issue 27): batch 1, LoRA r32
               alpha64 on all 7 projections, loss on every token, AdamW, linear decay, sequences of 20-200 tokens
   knowledge_answers  the knowledge reward's answer sampling: 8 answers sampled at T=1 for each of 10 questions, bf16
               (ours: one prefill per question, its 8 samples share it)
 
 `inner_loop` is the ARC preset's inner loop (r128 alpha16 on q,v,gate,up,down, batch 2, the base dtype: fp32 on a
-CPU); the two knowledge measurements use bf16 weights, the knowledge CPU preset's dtype, on any device.
+CPU); `arc_inner` and the two knowledge measurements use bf16 weights, the CPU presets' dtype, on any device (on a
+GPU `inner_loop` is bf16 already: gpu_check.py does not ask for `arc_inner`).
 
     python tools/bench.py                             # the offline SmolLM2-135M, every measurement
     python tools/bench.py --only=inner_loop --model=random:smollm2-135m --examples=16  # random weights, one measurement
@@ -97,7 +99,7 @@ def card_peaks(device) -> tuple:
 class Bench:
     model: str = "smollm2-135m"  # a folder / hub id / "smollm2-135m", or random:NAME for random weights of SHAPES
     gpu_shape: str = "llama-3.2-1b"  # on a GPU, also measure random weights of this shape ("" to skip)
-    only: str = "sampling,answers,inner_loop,knowledge_inner,knowledge_answers,arc_eval"  # which measurements
+    only: str = "sampling,answers,inner_loop,arc_inner,knowledge_inner,knowledge_answers,arc_eval"  # which ones
     samples: int = 8             # sampling: self-edits of one prompt
     sample_tokens: int = 128
     answer_tokens: int = 24      # answers: tokens per answer; the batch is every question of 8 passages
@@ -174,8 +176,8 @@ class LoopShape:
     warmup: int
 
 
-def arc_shape(cfg: Bench) -> LoopShape:
-    return LoopShape("inner_loop", cfg.r, cfg.alpha, TARGETS, cfg.batch_size, "completion", "cosine", cfg.lr,
+def arc_shape(cfg: Bench, name="inner_loop") -> LoopShape:
+    return LoopShape(name, cfg.r, cfg.alpha, TARGETS, cfg.batch_size, "completion", "cosine", cfg.lr,
                      cfg.warmup)
 
 
@@ -504,14 +506,18 @@ def measure(cfg: Bench, name, device, dtype, only, result: dict, save) -> dict:
     return result
 
 
-def measure_knowledge(cfg: Bench, name, device, only, result: dict, save) -> dict:
-    """The knowledge preset's inner loop and its reward's answer sampling, at its shapes, on bf16 weights, each
-    put into result and saved as it is measured."""
-    if not {"knowledge_inner", "knowledge_answers"} & set(only):
+def measure_cpu_presets(cfg: Bench, name, device, only, result: dict, save) -> dict:
+    """The CPU presets' inner loops and the knowledge reward's answer sampling, at their shapes, on bf16 weights
+    (both presets' dtype), each put into result and saved as it is measured."""
+    if not {"arc_inner", "knowledge_inner", "knowledge_answers"} & set(only):
         return result
     ours, ref = build_models(name, cfg.seed, device, torch.bfloat16)
     if cfg.compile:
         ours.compile_hot_paths()
+    if "arc_inner" in only:
+        result["arc_inner"] = inner_loop(cfg, device, torch.bfloat16, ours, ref, arc_shape(cfg, "arc_inner"),
+                                         arc_like(cfg, ours.config.vocab_size))
+        save()
     if "knowledge_inner" in only:
         result["knowledge_inner"] = inner_loop(cfg, device, torch.bfloat16, ours, ref, KNOWLEDGE,
                                                knowledge_like(cfg, ours.config.vocab_size))
@@ -532,7 +538,8 @@ def main(cfg: Bench):
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
     only = cfg.only.split(",")
-    unknown = set(only) - {"sampling", "answers", "inner_loop", "knowledge_inner", "knowledge_answers", "arc_eval"}
+    unknown = set(only) - {"sampling", "answers", "inner_loop", "arc_inner", "knowledge_inner", "knowledge_answers",
+                           "arc_eval"}
     if unknown:
         raise SystemExit(f"--only: unknown measurement(s) {sorted(unknown)}")
     print(f"device {device} ({torch.get_num_threads()} threads), base dtype {dtype}, model {cfg.model}", flush=True)
@@ -546,7 +553,7 @@ def main(cfg: Bench):
             write_atomic(Path(cfg.out), json.dumps(result, indent=2))
 
     measure(cfg, cfg.model, device, dtype, only, result, save)
-    measure_knowledge(cfg, cfg.model, device, only, result, save)
+    measure_cpu_presets(cfg, cfg.model, device, only, result, save)
     if "arc_eval" in only:
         if cfg.model.startswith("random:"):
             print("== arc_eval: skipped (it needs a model with a tokenizer, not random:)", flush=True)
