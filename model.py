@@ -141,6 +141,13 @@ class KVCache:
         new.len = self.len
         return new
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache of the given rows only."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        new.valid, new.len = self.valid[rows], self.len
+        return new
+
     def attend(self, layer, q, k, v, mask):
         """q: (B, H, T, hd), k/v: (B, KV, T, hd) of the new tokens, written at self.len (hidden() moves it on after
         the last layer); they attend over everything written so far, as mask (B, 1, T, len+T) allows."""
@@ -192,10 +199,7 @@ class DecodeCache:
         New shapes, so not for a compiled or CUDA-graph step."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.pos, self.prefix_keep, self.n = self.pos[rows], self.prefix_keep[rows], n
-        prefix = object.__new__(KVCache)
-        prefix.k, prefix.v = self.prefix.k.index_select(1, prompts), self.prefix.v.index_select(1, prompts)
-        prefix.valid, prefix.len = self.prefix.valid[prompts], self.prefix.len
-        self.prefix = prefix
+        self.prefix = self.prefix.select(prompts)
 
     def keep(self, span):
         """(B*n, 1, 1, P + span) bool: the prompt's real tokens and the samples' tokens written so far."""
