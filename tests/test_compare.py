@@ -85,3 +85,12 @@ def test_items_keeps_the_first_n_items_of_the_paired_differences(tmp_path):
     every = compare.compare(runs)["paired"]["score"]["self_edit"]["seal"]
     assert (first["mean"], first["lo"], first["hi"], first["items"]) == pytest.approx((0.4, 0.4, 0.4, 1))
     assert (every["mean"], every["items"]) == pytest.approx((0.2, 2))
+
+
+def test_items_needed_is_the_count_whose_half_width_reaches_the_mean():
+    """Items' seed means 0.1 and 0.3 (two seeds each): mean 0.2, sd 0.1414, so 1.96 * 0.1414 / sqrt(n) <= 0.2 needs
+    n >= 1.92, i.e. 2 items; ten times the spread needs 100x the items. A mean of 0 or one item has no answer."""
+    assert compare.items_needed([[0.0, 0.2], [0.3, 0.3]]) == 2
+    assert compare.items_needed([[0.2 - 1.0, 0.2 - 1.0], [0.2 + 1.0, 0.2 + 1.0]]) == 193  # (1.96 * 1.4142 / 0.2)^2 = 192.1
+    assert compare.items_needed([[-0.1], [0.1]]) is None
+    assert compare.items_needed([[0.4, 0.2]]) is None

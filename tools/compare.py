@@ -3,7 +3,8 @@ Several runs of one experiment (seeds) side by side: each row's headline rate pe
 sd over seeds, then every extra metric the rows carry (knowledge's sampled accuracy, answer coverage, ...) as mean
 +- sd (from results.json). Then paired differences between rows, from each evaluation's record (evals*.jsonl): for
 each row and each reference row (--against), the mean difference over the same items (passages, tasks) of the same
-runs, with a 95% cluster-bootstrap interval that resamples items, each with all its seeds' differences.
+runs, with a 95% cluster-bootstrap interval that resamples items, each with all its seeds' differences, and ~N: how
+many items an interval would need to exclude 0 if the mean held (`items_needed`, what a longer run would have to buy).
 
     python tools/compare.py runs/kp-s0 runs/kp-s1 runs/kp-s2
     python tools/compare.py --against=base runs/arc-s0 runs/arc-s1          # ARC: against the base policy's row
@@ -103,6 +104,20 @@ def cluster_bootstrap(diffs, resamples=RESAMPLES, level=LEVEL, seed=RNG_SEED):
     return float(d.mean()), float(lo), float(hi)
 
 
+def items_needed(diffs, z=1.96):
+    """How many items (at the same seeds) a normal-approximation interval needs before its half-width, z * sd / sqrt(n),
+    falls to the observed mean difference, so that the interval would exclude 0 if the mean held. sd is over items of
+    each item's mean over seeds. None where the mean is 0 or a single item gives no sd."""
+    per_item = np.asarray(diffs, dtype=np.float64).mean(axis=1)
+    if len(per_item) < 2 or abs(per_item.mean()) < 1e-9:  # a mean of 0 up to rounding needs every item there is
+        return None
+    return int(np.ceil((z * per_item.std(ddof=1) / abs(per_item.mean())) ** 2))
+
+
+def cell(c):
+    return "%+.3f [%+.3f, %+.3f] %dx%d ~%s" % (c["mean"], c["lo"], c["hi"], c["items"], c["seeds"], c["needed"] or "-")
+
+
 def paired(dirs, against, rows, max_items=0):
     """For each measure, each row against each reference row: the differences over the items both rows have in the
     runs that hold both (the first `max_items` of them, 0: all), their mean and cluster-bootstrap interval.
@@ -121,21 +136,20 @@ def paired(dirs, against, rows, max_items=0):
                     diffs = [[b[row][it] - b[ref][it] for b in both] for it in items]
                     mean, lo, hi = cluster_bootstrap(diffs)
                     table.setdefault(ref, {})[row] = {"mean": mean, "lo": lo, "hi": hi, "items": len(items),
-                                                      "seeds": len(both)}
+                                                      "seeds": len(both), "needed": items_needed(diffs)}
         if not table:
             continue
         if not out:
             print(f"\npaired differences, row - reference: the mean over items x seeds [its {LEVEL:.0%} interval, the "
-                  f"items resampled with their seeds {RESAMPLES} times] items x seeds")
+                  f"items resampled with their seeds {RESAMPLES} times] items x seeds ~N, the items an interval "
+                  f"would need to exclude 0 if the mean held (items_needed)")
         out[m] = table
         print(f"{m}: {what}")
-        print(f"{'row':<12}" + "".join(f"{'- ' + ref:>30}" for ref in table))
+        print(f"{'row':<12}" + "".join(f"{'- ' + ref:>38}" for ref in table))
         for row in rows:
             cells = [table[ref].get(row) for ref in table]
             if any(cells):
-                print(f"{row:<12}" + "".join(
-                    f"{'%+.3f [%+.3f, %+.3f] %dx%d' % (c['mean'], c['lo'], c['hi'], c['items'], c['seeds']):>30}"
-                    if c else f"{'-':>30}" for c in cells))
+                print(f"{row:<12}" + "".join(f"{cell(c):>38}" if c else f"{'-':>38}" for c in cells))
     return out
 
 
