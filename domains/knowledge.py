@@ -23,7 +23,7 @@ import seal
 import settings
 from domains.knowledge_text import (CONSTRAINED, CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START,
                                     answer_coverage, distinct_ngrams, judge_says_yes, load_passages, qa_pair,
-                                    question_prompt, self_edit_lines, self_edit_prompt, training_texts)
+                                    question_prompt, self_edit_lines, self_edit_prompt, shared_ngrams, training_texts)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -348,7 +348,8 @@ class Knowledge(seal.Domain):
 
     def metrics(self, records):
         """Every grader's mean accuracy side by side, and of the self-edits: their lines, how many gold answers they
-        state, and how varied they are (distinct word bigrams, pooled)."""
+        state, and how varied they are (distinct word bigrams, pooled; and the share of bigrams another passage's
+        self-edits also hold, which rises with a shared template and not with copying one's own passage)."""
         recs = [r for r in records if "accuracy" in r]
         if not recs:
             return {}
@@ -368,6 +369,7 @@ class Knowledge(seal.Domain):
             distinct = distinct_ngrams([r["text"] for r in with_text])
             if distinct is not None:
                 out["distinct_2"] = distinct
+                out["shared_2"] = shared_ngrams([(r["item"], r["text"]) for r in with_text])
         return out
 
 

@@ -196,6 +196,21 @@ def distinct_ngrams(texts, n=2):
     return len(set(grams)) / len(grams) if grams else None
 
 
+def shared_ngrams(texts_by_item, n=2):
+    """The share of the self-edits' word n-grams that also occur in a self-edit of another item: 0 when every
+    passage's self-edits speak only of their own passage, rising as they share a template. distinct-n falls as well
+    when the k samples of one passage copy it alike; this one does not, so it tells copying from templating.
+    texts_by_item: [(item, text)]. None when the texts hold no n-gram."""
+    grams = [(item, [tuple(w[i:i + n]) for i in range(len(w) - n + 1)])
+             for item, w in ((item, normalize(t).split()) for item, t in texts_by_item)]
+    items_of = {}
+    for item, gs in grams:
+        for g in gs:
+            items_of.setdefault(g, set()).add(item)
+    total = sum(len(gs) for _, gs in grams)
+    return sum(len(items_of[g]) > 1 for _, gs in grams for g in gs) / total if total else None
+
+
 def judge_says_yes(reply):
     """The official rule: yes only if "yes" appears and "no" does not."""
     words = re.findall(r"[a-z]+", reply.lower())

@@ -194,6 +194,8 @@ def test_end_to_end_smoke_and_resume(tiny, tmp_path):
     (rnd,) = res["rounds"]  # the round logs how varied its sampled and its kept self-edits are
     kept = [r["text"] for r in seal.best_per_item([r for r in recs if r["phase"] == "rl1"])]
     assert rnd["kept_metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams(kept))
+    assert rnd["metrics"]["shared_2"] == pytest.approx(kt.shared_ngrams([(r["item"], r["text"]) for r in recs
+                                                                         if r["phase"] == "rl1"]))
     assert rnd["metrics"]["distinct_2"] == pytest.approx(kt.distinct_ngrams([r["text"] for r in recs
                                                                              if r["phase"] == "rl1"]))
     assert rnd["kept_metrics"] != rnd["metrics"]  # 2 kept of 4 sampled
@@ -473,3 +475,15 @@ def test_distinct_bigrams_fall_as_self_edits_share_a_template():
     assert kt.distinct_ngrams(template) == pytest.approx(9 / 10)
     assert kt.distinct_ngrams(varied * 2) == 0.5  # the same texts twice: half the bigrams are repeats
     assert kt.distinct_ngrams(["one", ""]) is None  # no bigram at all
+
+
+def test_shared_bigrams_see_a_template_across_passages_and_not_copies_within_one():
+    copies = [("e0", "The tower was built in 1908."), ("e0", "The tower was built in 1908."),
+              ("e1", "Marta Oldcastle kept the light.")]
+    assert kt.distinct_ngrams([t for _, t in copies]) < 1.0  # distinct-n counts one passage's copies as repeats
+    assert kt.shared_ngrams(copies) == 0.0  # no bigram crosses passages
+    template = [("e0", "The passage says the tower was built in 1908."), ("e1", "The passage says the keeper was Marta.")]
+    # after normalising: "passage says tower was built in 1908" (6 bigrams), "passage says keeper was marta" (4);
+    # "passage says" is in both, once each: 2 of 10; "was" follows other words, so no other bigram is shared
+    assert kt.shared_ngrams(template) == pytest.approx(2 / 10)
+    assert kt.shared_ngrams([("e0", "one"), ("e1", "")]) is None
