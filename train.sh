@@ -131,7 +131,7 @@ case "$cmd" in
       # self-edit's lines can teach), the rewrite prompt (the most answers covered), the sampled-accuracy reward
       # (the one whose ranking survives a second inner-loop seed), bf16 (1.7x fp32 on this CPU)
       # All 24 evaluation passages (120 questions): greedy accuracy on 40 could not separate a 9-point gain
-      # (docs/knowledge.md §6).
+      # (docs/knowledge.md §6); 120 over 3 seeds did (§10).
       # --eval_batch=80: an RL passage's 10 questions x 8 sampled answers in one decoding batch (docs/speed.md)
       preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=24 --max_rl=8
               --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal
