@@ -187,12 +187,18 @@ def answer_coverage(passage, text):
     return sum(lenient(text, q["answer"]) for q in passage["questions"]) / len(passage["questions"])
 
 
+def word_ngrams(text, n):
+    """The text's word n-grams after SQuAD's normalisation, in order."""
+    w = normalize(text).split()
+    return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+
 def distinct_ngrams(texts, n=2):
     """The share of distinct word n-grams among all the n-grams of the texts, pooled (distinct-n): 1.0 when no
     n-gram repeats, falling as the texts share a template. RL-trained self-edit writers are reported to collapse onto
     a few templates (issue 24), so each round logs it for the self-edits it sampled and for those it kept.
     None when the texts hold no n-gram."""
-    grams = [tuple(w[i:i + n]) for w in (normalize(t).split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [g for t in texts for g in word_ngrams(t, n)]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -201,8 +207,7 @@ def shared_ngrams(texts_by_item, n=2):
     passage's self-edits speak only of their own passage, rising as they share a template. distinct-n falls as well
     when the k samples of one passage copy it alike; this one does not, so it tells copying from templating.
     texts_by_item: [(item, text)]. None when the texts hold no n-gram."""
-    grams = [(item, [tuple(w[i:i + n]) for i in range(len(w) - n + 1)])
-             for item, w in ((item, normalize(t).split()) for item, t in texts_by_item)]
+    grams = [(item, word_ngrams(t, n)) for item, t in texts_by_item]
     items_of = {}
     for item, gs in grams:
         for g in gs:
