@@ -72,6 +72,9 @@ class RunConfig:
     sft_lr: float = 5e-5            # the M-step's peak learning rate (cosine decay)
     sft_epochs: int = 1             # the M-step's epochs over the kept self-edits
     sft_batch: int = 1              # the M-step's sequences per optimizer step
+    ttt_base: str = "policy"        # the model the inner loop adapts after ReST-EM: "policy" (official: the merged
+                                    # M-step model samples and is adapted) or "base" (the policy is a second model
+                                    # that only samples; TTT keeps adapting the base model: docs/official.md §4.1)
     max_len: int = 8192             # the longest training sequence in tokens (longer ones are left out)
     eval_batch: int = 32            # prompts per batch when decoding
 
@@ -232,21 +235,32 @@ def phase_tag(phase, ranks=None) -> str:
 
 class Learner:
     """Owns the model's life: loads it, injects the inner-loop adapter once, zeroes it before every self-edit and
-    every sampling (so the policy is always the plain model), takes it out for the M-step and puts it back."""
+    every sampling (so the policy is always the plain model), takes it out for the M-step and puts it back. Under
+    --ttt_base=base the M-step's policy is a second model (`sampler`) and the inner loop keeps adapting the first."""
 
     def __init__(self, cfg: RunConfig, name_or_path: str):
+        settings.check_choice("ttt_base", cfg.ttt_base, ("policy", "base"))
         self.cfg = cfg
         self.device, self.dtype = settings.device_and_dtype(cfg)
-        self.m = self.adapter = None
+        self.m = self.adapter = self.sampler = None  # sampler None: the policy is self.m
         self.load(name_or_path)
 
+    def _read(self, name_or_path):
+        m, self.tok = checkpoint.load(name_or_path, device=self.device, dtype=self.dtype)
+        if self.cfg.compile:
+            m.compile_hot_paths()
+        return m
+
     def load(self, name_or_path):
+        """A policy: also the model the inner loop adapts, except under --ttt_base=base once a model is loaded."""
+        if self.m is not None and self.cfg.ttt_base == "base":
+            self.sampler = None  # free the old policy before reading the new one
+            self.sampler = self._read(name_or_path)
+            return
         if self.adapter is not None:
             self.adapter.remove()
         self.m = None  # free the old weights before reading the new ones
-        self.m, self.tok = checkpoint.load(name_or_path, device=self.device, dtype=self.dtype)
-        if self.cfg.compile:
-            self.m.compile_hot_paths()
+        self.m = self._read(name_or_path)
         self.inject()
 
     def inject(self):
@@ -255,7 +269,9 @@ class Learner:
                                    targets=self.cfg.inner_targets.split(","), seed=self.cfg.seed)
 
     def policy(self):
-        """The model with a zero adapter, i.e. exactly its weights: what samples self-edits."""
+        """What samples self-edits: the model with a zero adapter, i.e. exactly its weights, or the separate policy."""
+        if self.sampler is not None:
+            return self.sampler
         self.adapter.reset()
         return self.m
 
@@ -278,16 +294,22 @@ class Learner:
         The new policy is saved to `save_to` (a hub-style folder) before the inner-loop adapter goes back in.
         Returns what the run folder records of it (m_step.json)."""
         cfg = self.cfg
-        self.adapter.remove()  # the inner-loop adapter is not part of the policy
+        apart = cfg.ttt_base == "base"
+        if apart and self.sampler is None:  # the first M-step: the policy leaves the model the inner loop adapts
+            self.sampler = self._read(cfg.model)
+        if not apart:
+            self.adapter.remove()  # the inner-loop adapter is not part of the policy
+        policy = self.sampler if apart else self.m
         examples = [(r["prompt_ids"], r["ids"] + [self.tok.eos_id]) for r in records]
-        sft = lora.inject(self.m, r=cfg.sft_rank, alpha=cfg.sft_alpha, targets=cfg.sft_targets.split(","),
+        sft = lora.inject(policy, r=cfg.sft_rank, alpha=cfg.sft_alpha, targets=cfg.sft_targets.split(","),
                           seed=stable_seed(cfg.seed, phase))
-        res = lora.train(self.m, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
+        res = lora.train(policy, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
                          loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
                          adapter=sft, max_len=cfg.max_len)
         sft.merge()
-        checkpoint.save(self.m, save_to, tokenizer_dir=checkpoint.resolve(self.cfg.model))
-        self.inject()
+        checkpoint.save(policy, save_to, tokenizer_dir=checkpoint.resolve(self.cfg.model))
+        if not apart:
+            self.inject()
         ends = res.loss_ends()
         loss = f"loss {ends['loss_first']:.3f} -> {ends['loss_last']:.3f}" if res.losses else "no step"
         print(f"[{phase}] M-step on {len(examples)} self-edits: {res.steps} steps, {loss}, {fmt_time(res.seconds)}",
