@@ -101,12 +101,14 @@ case "$cmd" in
     if has_gpu; then  # the paper's setting (docs/official.md §1): Llama-3.2-1B-Instruct, bf16
       preset=(--model=meta-llama/Llama-3.2-1B-Instruct --split=paper --fmt=numpy --out=runs/arc-paper)
     else  # SmolLM2-135M on 2 CPU cores (docs/arc.md: "The tiny preset"): bf16 weights, 2 processes. At this
-      # budget only 4 or 6 epochs solve (best with lr 3e-3), which the base policy picks about once in 10 samples
-      # at 0.8 (3e-3 with them: once in 400), so the E-step samples hot: at 16, 4 or 6 epochs in half the samples.
-      # The M-step stays at lr 1e-3: at 3e-3 it cloned one kept self-edit whole and solved less (docs/arc.md)
+      # budget only 4 or 6 epochs solve (best with lr 3e-3), which the base policy rarely picks, so the E-step
+      # samples hot (16) and, with the graded reward, keeps each RL task's best self-edit that beats the model
+      # before training: every task teaches, solved or not. The learning rates start with different digits, and
+      # 2e-2 breaks the model, so RL must learn more than "the largest of everything". The policy is kept apart
+      # from the model TTT adapts (--ttt_base=base): a merged M-step moved that model (docs/arc.md)
       preset=(--model=smollm2-135m --split=tiny --fmt=compact --out=runs/arc-tiny --se_mode=schema --dtype=bf16
-              --se_lr_options=3e-4,1e-3,3e-3 --se_epoch_options=1,2,4,6 --rl_samples=6 --rl_temperature=16
-              --eval_samples=2 --max_examples=24 --warmup=2 --sft_lr=1e-3
+              --se_lr_options=5e-4,1e-3,3e-3,2e-2 --se_epoch_options=1,2,4,6 --rl_samples=3 --rl_temperature=16
+              --eval_samples=4 --max_examples=24 --warmup=2 --reward=graded --ttt_base=base --sft_lr=1e-3
               --oracle=basic+size+chain+repeat:output:3e-3:6)
       preset+=($(cpu_shards "$sub" "$@"))
     fi
