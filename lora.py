@@ -10,17 +10,15 @@ model: inject once, then for each self-edit `adapter.reset()` and `train(...)`, 
     for edit in self_edits:
         adapter.reset()                       # B = 0, A = the same initial A (as the official run's reset_lora)
         res = train(m, examples, lr=edit.lr, epochs=edit.epochs, warmup=11)   # bs 2, cosine, AdamW, clip 1.0
-    adapter.save("out/adapter")                # PEFT format: peft.PeftModel.from_pretrained reads it
+    checkpoint.save_adapter(adapter, "out/adapter")   # PEFT format: peft.PeftModel.from_pretrained reads it
 
 Dtype policy: the base weights stay in their own dtype (bf16 on GPU, fp32 on CPU); LoRA weights, their gradients and
 the optimizer state are fp32, as PEFT's autocast_adapter_dtype keeps them in the official run. The branch itself
 computes in the base dtype from those fp32 masters (mixed-precision training; PEFT computes it in fp32).
 """
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -138,22 +136,6 @@ class Adapter:
             setattr(self.model.get_submodule(parent_name), child, mod.base)
         self.modules = None
 
-    def save(self, out_dir, base_model_name_or_path=None):
-        """Write adapter_model.safetensors + adapter_config.json as PEFT's save_pretrained does."""
-        from safetensors.torch import save_file
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config = {  # the LoraConfig fields that change the math; PEFT fills every other field with its default
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": sorted({n.rpartition(".")[2] for n in self.modules}),
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-
     def _check_live(self):
         if self.modules is None:
             raise RuntimeError("this adapter was merged or removed; inject a new one")
@@ -175,25 +157,6 @@ def inject(model, r: int, alpha: float, targets=("q_proj", "v_proj"), dropout=0.
     if not found:
         raise ValueError(f"no nn.Linear named any of {targets} in the model")
     return Adapter(model, found, r, alpha, targets, dropout, seed)
-
-
-def load_peft(model, adapter_dir) -> Adapter:
-    """Inject an adapter saved by PEFT (or by Adapter.save) into `model` and load its weights."""
-    from safetensors.torch import load_file
-    d = Path(adapter_dir)
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    unsupported = {"peft_type": "LORA", "bias": "none", "use_dora": False, "use_rslora": False,
-                   "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
-                   "layers_to_transform": None, "modules_to_save": None}
-    for k, want in unsupported.items():
-        if cfg.get(k, want) not in (want, None, {}, []):
-            raise ValueError(f"adapter_config.json: {k}={cfg[k]!r} is not supported (only {want!r})")
-    targets = cfg.get("target_modules")
-    if not isinstance(targets, list):  # PEFT also allows a regex string, or null for per-architecture defaults
-        raise ValueError(f"adapter_config.json: target_modules={targets!r} must be a list of module names")
-    adapter = inject(model, cfg["r"], cfg["lora_alpha"], targets, cfg.get("lora_dropout", 0.0))
-    adapter.load_state_dict(load_file(str(d / "adapter_model.safetensors")))
-    return adapter
 
 
 # -----------------------------------------------------------------------------

@@ -370,7 +370,7 @@ def test_our_adapter_loads_in_peft(tmp_path):
     checkpoint.save(m, tmp_path / "base")
     adapter = lora.inject(m, r=8, alpha=16, targets=ALL5)
     lora.train(m, rand_examples(4), lr=1e-2, epochs=2, adapter=adapter)
-    adapter.save(tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    checkpoint.save_adapter(adapter, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     ref = peft.PeftModel.from_pretrained(hf_model(tmp_path / "base"), str(tmp_path / "adapter")).eval()
     idx = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
@@ -392,7 +392,7 @@ def test_peft_adapter_loads_in_ours(tmp_path):
     ref(idx, labels=idx).loss.backward()
     opt.step()
     ref.save_pretrained(str(tmp_path / "adapter"))
-    adapter = lora.load_peft(m, tmp_path / "adapter")
+    adapter = checkpoint.load_adapter(m, tmp_path / "adapter")
     assert adapter.r == 4 and adapter.alpha == 12 and len(adapter.modules) == 10
     with torch.no_grad():
         ours, theirs = m(idx), ref.eval()(idx).logits
