@@ -291,6 +291,23 @@ def packed_loss(model, p: Packed) -> torch.Tensor:
     return F.cross_entropy(model.packed_logits(p.idx, p.doc_lens, p.pos), p.targets)
 
 
+@torch.no_grad()
+def completion_scores(model, examples) -> list:
+    """Teacher-forced scores of each (prompt, completion), in one packed forward pass: per example the completion's
+    tokens that the argmax predicts (given the prompt and the true tokens before them), its token count and its
+    summed log-likelihood. The graded rewards of both domains read these (ARC's token accuracy, knowledge's answer
+    log-likelihood)."""
+    device = next(model.parameters()).device
+    p = pack(examples, "completion", device)
+    logp = torch.log_softmax(model.packed_logits(p.idx, p.doc_lens, p.pos).float(), -1)
+    doc, n = p.doc_ids[0, p.pos], len(examples)
+    per_doc = lambda x: torch.zeros(n, device=device).index_add_(0, doc, x.float()).tolist()
+    right = per_doc(logp.argmax(-1) == p.targets)
+    loglik = per_doc(logp.gather(1, p.targets[:, None])[:, 0])
+    tokens = torch.bincount(doc, minlength=n).tolist()
+    return [{"right": int(r), "tokens": t, "loglik": ll} for r, t, ll in zip(right, tokens, loglik)]
+
+
 def n_targets(example, loss_on) -> int:
     prompt, completion = example
     n = len(prompt) + len(completion)

@@ -185,14 +185,18 @@ def keep_rewarded(records):
     return [r for r in records if r["reward"] == 1]
 
 
-def best_per_item(records, score=lambda r: r["reward"]):
+def best_per_item(records, score=lambda r: r["reward"], bar=None, skip_ties=False):
     """The best self-edit of each item by score (the reward by default), even one below the no-adaptation score
-    (the official knowledge run's top-1 of 5, docs/official.md §2.6). Ties go to the first sampled."""
-    best = {}
+    (the official knowledge run's top-1 of 5, docs/official.md §2.6). Ties go to the first sampled. bar: a record's
+    score to beat (e.g. the model's before training), below or at which the best is not kept; skip_ties: leave out
+    an item whose self-edits all score alike, which gives the M-step nothing to tell apart."""
+    best, scores = {}, {}
     for r in records:
+        scores.setdefault(r["item"], set()).add(score(r))
         if r["item"] not in best or score(r) > score(best[r["item"]]):
             best[r["item"]] = r
-    return list(best.values())
+    return [r for item, r in best.items()
+            if not (skip_ties and len(scores[item]) == 1) and (bar is None or score(r) > bar(r))]
 
 
 def with_defaults(res) -> dict:

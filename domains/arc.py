@@ -57,6 +57,10 @@ class ArcConfig(seal.RunConfig):
                                     # the skeleton's first key; "schema": keys forced, values sampled among valid ones
     se_lr_options: str = "1e-5,3e-5,1e-4,3e-4,1e-3"  # the learning rates offered in schema mode
     se_epoch_options: str = "1,2,3,4,5"   # the epoch counts offered in schema mode
+    reward: str = "solved"          # what the E-step ranks: "solved" (official: 1 if pass@2 solves the task, else 0;
+                                    # keep every solved self-edit) or "graded" (solved ranks first, then the true
+                                    # output's teacher-forced token accuracy; keep the best of each task where it
+                                    # beats the unadapted model: docs/arc.md "The graded reward")
 
     @property
     def fingerprint(self):
@@ -323,6 +327,7 @@ class Arc(seal.Domain):
         self.eval_items = split.get("eval_scored", split["eval"])  # paper: the 8 scored tasks, so k/40
         self.tasks = ttt.load_tasks(self.rl_items + self.eval_items)
         settings.check_choice("se_mode", cfg.se_mode, ("free", "prefix", "schema"))
+        settings.check_choice("reward", cfg.reward, ("solved", "graded"))
         self.answer_prefix = SKELETON_PREFIX if cfg.se_mode == "prefix" else ""
         lrs, epochs = cfg.se_lr_options.split(","), cfg.se_epoch_options.split(",")
         self.template = template(lrs, epochs) if cfg.se_mode == "schema" else None
@@ -354,10 +359,18 @@ class Arc(seal.Domain):
         edit = parse_self_edit(text)[0] if text is not None else None
         return edit.to_json() if edit else text
 
+    score_name = "solved"  # the table counts pass@2 after voting, whatever the reward
+
+    @property
+    def reward_name(self):
+        return "graded: (solved + token accuracy) / 2" if self.cfg.reward == "graded" else "solved"
+
     def evaluate(self, m, adapter, item, text, seed):
-        """Reward of one self-edit (text None: no adaptation, the in-context baseline)."""
+        """Reward of one self-edit (text None: no adaptation, the in-context baseline). Every record holds the
+        table's score (solved: pass@2 after voting) and the graded measures (`teacher_forced`) of the adapted model
+        and, under `unadapted`, of the model before training, whichever reward the E-step ranks by."""
         cfg, task = self.cfg, self.tasks[item]
-        out = {"reward": 0.0, "valid": True, "reason": ""}
+        out = {"reward": 0.0, "score": 0.0, "valid": True, "reason": ""}
         if text is not None:
             edit, reason = parse_self_edit(text)
             if edit is None:  # an unusable self-edit earns 0, as in the official run (there: epochs=0)
@@ -370,6 +383,7 @@ class Arc(seal.Domain):
             if ttt.over_step_cap(len(examples), edit.epochs, cfg.batch_size, cfg.max_steps):
                 return {**out, "valid": False, "reason": f"over the step cap ({edit.epochs} epochs x "
                                                            f"{len(examples)} examples > {cfg.max_steps} steps)"}
+            out["unadapted"] = self.teacher_forced(m, task)  # the adapter is still zero: the E-step's bar
             res = lora.train(m, examples, lr=edit.lr, epochs=edit.epochs, batch_size=cfg.batch_size,
                              loss_on="completion" if edit.loss == "output" else "all", warmup=cfg.warmup,
                              schedule="cosine", seed=seed, adapter=adapter, max_len=cfg.max_len)
@@ -378,18 +392,21 @@ class Arc(seal.Domain):
             if res.failed:
                 return {**out, "valid": False, "reason": f"training failed: {res.failed}"}
         t0 = time.time()
+        out.update(self.teacher_forced(m, task))
         attempts, skipped = zip(*[self.answer(m, task, ti) for ti in range(len(task.test))])
         out["attempts"] = [[g.tolist() for g in a] for a in attempts]
         if sum(skipped):
             out["queries_too_long"] = sum(skipped)
         out["eval_seconds"] = round(time.time() - t0, 2)
-        out["reward"] = float(ttt.solved(attempts, [o for _, o in task.test]))
+        truths = [o for _, o in task.test]
+        out["cells"] = ttt.cells_right(attempts, truths)
+        out["score"] = float(ttt.solved(attempts, truths))
+        out["reward"] = (out["score"] + out["token_acc"]) / 2 if cfg.reward == "graded" else out["score"]
         return out
 
-    def answer(self, m, task, test_idx):
-        """Greedy answers to the leave-one-out views of one test input, mapped back and voted to 2 attempts.
-        Returns (attempts, number of views skipped because prompt + answer would not fit in max_len; the
-        official run drops them too)."""
+    def queries(self, task, test_idx):
+        """The evaluation's views of one test input (leave-one-out contexts and geometric transforms) and their
+        prompts, less those whose prompt + answer would not fit in max_len (the official run drops them too)."""
         cfg, tok = self.cfg, self.tok
         queries = ttt.eval_queries(task, test_idx, seed=seal.stable_seed(cfg.seed, task.id, test_idx))
         prompts = [tok.encode(tok.chat(ttt.task_messages(q.demos, q.query_in, cfg.fmt))) for q in queries]
@@ -397,13 +414,47 @@ class Arc(seal.Domain):
         grids = [g for pair in task.train for g in pair] + [task.test[test_idx][0]]
         budget = int(1.5 * max(len(tok.encode(ttt.answer_text(g, cfg.fmt))) for g in grids)) + 8
         fits = [i for i, p in enumerate(prompts) if len(p) + budget <= cfg.max_len]
-        texts = sampling.generate(m, tok, [prompts[i] for i in fits], max_new_tokens=budget, stop=(ttt.FOOTER,),
-                              batch_size=cfg.eval_batch) if fits else []
+        return [queries[i] for i in fits], [prompts[i] for i in fits], budget, len(queries) - len(fits)
+
+    def answer(self, m, task, test_idx):
+        """Greedy answers to the views of one test input, mapped back and voted to 2 attempts. Returns (attempts,
+        number of views skipped because prompt + answer would not fit in max_len)."""
+        queries, prompts, budget, skipped = self.queries(task, test_idx)
+        texts = sampling.generate(m, self.tok, prompts, max_new_tokens=budget, stop=(ttt.FOOTER,),
+                                  batch_size=self.cfg.eval_batch) if prompts else []
         outputs = []
-        for i, t in zip(fits, texts):
-            g = ttt.parse_answer(t, cfg.fmt)
-            outputs.append((queries[i].invert(g) if g is not None else None, queries[i].group_name))
-        return ttt.vote(outputs), len(queries) - len(fits)
+        for q, t in zip(queries, texts):
+            g = ttt.parse_answer(t, self.cfg.fmt)
+            outputs.append((q.invert(g) if g is not None else None, q.group_name))
+        return ttt.vote(outputs), skipped
+
+    def teacher_forced(self, m, task) -> dict:
+        """The graded reward's measure: each test input's true output, mapped into every view the evaluation
+        answers and written as the answer is (grid text and footer), teacher-forced after that view's prompt, in one
+        forward pass. token_acc: the share of the answer's tokens that the argmax predicts, averaged over views
+        (1.0: greedy decoding writes the true grid in every view); loglik: the mean log-likelihood per token.
+        Unlike pass@2 it moves with every self-edit, solved or not (docs/arc.md "The graded reward")."""
+        examples = []
+        for ti, (_, truth) in enumerate(task.test):
+            queries, prompts, _, _ = self.queries(task, ti)
+            examples += [(p, self.tok.encode(ttt.answer_text(ttt.transform(q.group_name, truth), self.cfg.fmt)))
+                         for q, p in zip(queries, prompts)]
+        if not examples:
+            return {"token_acc": 0.0, "loglik": -math.inf}
+        scores = lora.completion_scores(m, examples)
+        mean = lambda xs: sum(xs) / len(xs)
+        return {"token_acc": mean([s["right"] / s["tokens"] for s in scores]),
+                "loglik": mean([s["loglik"] / s["tokens"] for s in scores])}
+
+    def select(self, records):
+        """The E-step. reward=solved: every solved self-edit (the official filter). reward=graded: each task's best
+        self-edit by (solved, token accuracy, log-likelihood), kept only where it beats the model before training
+        on the same measure (so no task teaches a self-edit that made things worse) and only where the task's
+        samples differ (a task whose samples all score alike has nothing to teach)."""
+        if self.cfg.reward == "solved":
+            return seal.keep_rewarded(records)
+        return seal.best_per_item(records, score=graded_key, bar=lambda r: graded_key(r.get("unadapted", {})),
+                                  skip_ties=True)
 
     def choices(self, records):
         """What the parsed self-edits chose, counted per setting: the policy shift ReST-EM should produce."""
@@ -417,6 +468,27 @@ class Arc(seal.Domain):
                                ("augmentations_on", str(sum(d.values())))):
                 out[key][value] = out[key].get(value, 0) + 1
         return out
+
+    def metrics(self, records):
+        """The graded measures' means beside the table's count: the adapted model's token accuracy, log-likelihood
+        and share of cells right, and the unadapted model's token accuracy (the bar a kept self-edit must beat)."""
+        rated = [r for r in records if "token_acc" in r]
+        if not rated:
+            return {}
+        mean = lambda f: sum(map(f, rated)) / len(rated)
+        out = {"token_acc": mean(lambda r: r["token_acc"]), "loglik": mean(lambda r: r["loglik"]),
+               "cells": mean(lambda r: r["cells"])}
+        before = [r["unadapted"]["token_acc"] for r in rated if "unadapted" in r]
+        return out | ({"unadapted_token_acc": sum(before) / len(before)} if before else {})
+
+
+def graded_key(r) -> tuple:
+    """What the graded E-step ranks by: solved first, then token accuracy, then log-likelihood. A record without
+    the measures (an invalid self-edit) ranks below every measured one; an unadapted measure has no decoded
+    answer and counts as unsolved."""
+    if "token_acc" not in r:
+        return (-1.0, 0.0, -math.inf)
+    return (r.get("score", 0.0), r["token_acc"], r["loglik"])
 
 
 # -----------------------------------------------------------------------------
@@ -461,10 +533,15 @@ def filter_tasks(argv):
         for spec, edit in zip(cfg.configs.split(","), edits):
             t0 = time.time()
             rs = [learner.evaluate(d, i, edit.to_json(), seed=d.evaluation_seed(None, i, 0)) for d in doms.values()]
-            got = "; ".join(said(r) for r in rs)
+            if spec == cfg.configs.split(",")[0] and "unadapted" in rs[0]:
+                print("  unadapted: token_acc " + "; ".join(f"{r['unadapted']['token_acc']:.3f}" for r in rs)
+                      + ", loglik " + "; ".join(f"{r['unadapted']['loglik']:.3f}" for r in rs), flush=True)
+            per_seed = lambda key, f: "; ".join(f.format(r[key]) if key in r else "-" for r in rs)
             loss = "; ".join(f"{r['train']['loss_last']:.4g}" if "train" in r else "-" for r in rs)
-            print(f"  {spec}={sum(r['reward'] == 1 for r in rs)}/{len(rs)} ({time.time() - t0:.0f}s; said {got}; "
-                  f"last loss {loss})", flush=True)
+            print(f"  {spec}={sum(r['score'] == 1 for r in rs)}/{len(rs)} ({time.time() - t0:.0f}s; token_acc "
+                  f"{per_seed('token_acc', '{:.3f}')}, loglik {per_seed('loglik', '{:.3f}')}, cells "
+                  f"{per_seed('cells', '{:.2f}')}; said {'; '.join(said(r) for r in rs)}; last loss {loss})",
+                  flush=True)
 
 
 def _write_split(ids):

@@ -465,3 +465,13 @@ def solved(attempts_per_test, truths) -> bool:
         return False
     return all(any(np.array_equal(np.asarray(a), np.asarray(t)) for a in atts[:2])
                for atts, t in zip(attempts_per_test, truths))
+
+
+def cells_right(attempts_per_test, truths) -> float:
+    """The share of the true output's cells that the better of the (up to 2) attempts gets right, 0 for an attempt
+    of another shape, averaged over test inputs: how close an unsolved task came."""
+    def share(a, t):
+        a, t = np.asarray(a), np.asarray(t)
+        return float((a == t).mean()) if a.shape == t.shape else 0.0
+    per_test = [max((share(a, t) for a in atts[:2]), default=0.0) for atts, t in zip(attempts_per_test, truths)]
+    return sum(per_test) / len(per_test) if per_test else 0.0

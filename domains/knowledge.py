@@ -227,20 +227,12 @@ class Knowledge(seal.Domain):
                      for qa, t in zip(pairs, texts)] + texts[len(lines):]
         return [([], self.tok.encode(t) + [self.tok.eos_id]) for t in texts]
 
-    @torch.no_grad()
     def answer_loglik(self, m, passage):
         """The gold answers' mean log-likelihood per token, each right after its question as the evaluation asks
         it (teacher-forced, closed book): a graded reward where accuracy moves in steps of 1/questions."""
         examples = [(self.tok.encode(self._text(self.tok, *question_prompt(passage, q))), self.tok.encode(q["answer"]))
                     for q in passage["questions"]]
-        device = next(m.parameters()).device
-        p = lora.pack(examples, "completion", device)
-        logp = torch.log_softmax(m.packed_logits(p.idx, p.doc_lens, p.pos).float(), -1)
-        tok_lp = logp.gather(1, p.targets[:, None])[:, 0]
-        doc = p.doc_ids[0, p.pos]
-        per_q = torch.zeros(len(examples), device=device).index_add_(0, doc, tok_lp) / torch.bincount(
-            doc, minlength=len(examples))
-        return per_q.mean().item()
+        return sum(s["loglik"] / s["tokens"] for s in lora.completion_scores(m, examples)) / len(examples)
 
     def sampled_accuracy(self, m, passage, seed):
         """--grader's accuracy over --answer_samples answers per question sampled at temperature 1: the expected

@@ -129,12 +129,14 @@ def test_filter_scores_each_config_over_seeds(tiny_dir, capsys):
     arc_domain.filter_tasks([f"--model={tiny_dir}", "--ids=5582e5ca", "--fmt=compact",
                              "--configs=basic:all:1e-3:1,basic+size+chain+repeat:output:3e-3:2",
                              "--seeds=0,1", "--max_examples=2", "--max_len=2048"])
-    header, task, first, second = capsys.readouterr().out.strip().splitlines()
+    header, task, unadapted, first, second = capsys.readouterr().out.strip().splitlines()
     assert "seeds [0, 1]" in header
     assert task == "5582e5ca (truth 888/888/888):"  # one test input
+    assert unadapted.startswith("  unadapted: token_acc ")  # the graded measures before training, once per task
     assert first.startswith("  basic:all:1e-3:1=0/2 (")  # a line per configuration, as it finishes
     assert second.startswith("  basic+size+chain+repeat:output:3e-3:2=0/2 (")
     assert "said 0; 0" in first and "said 0; 0" in second  # one answer per seed: a random model writes no valid grid
+    assert "token_acc " in first and "cells 0.00; 0.00" in first  # graded measures per seed beside solved
 
 
 def test_filter_seed_is_the_runs_draw(tiny_dir, capsys):
