@@ -163,12 +163,11 @@ def inject(model, r: int, alpha: float, targets=("q_proj", "v_proj"), dropout=0.
 # Optimizer, clipping, schedules: the HF Trainer's defaults written out (docs/official.md §1.5: adamw_torch, clip 1.0)
 
 class AdamW:
-    """torch.optim.AdamW's update (Loshchilov & Hutter 2019, Algorithm 2: Adam with decoupled weight decay and bias
-    correction), written out in `step`, with fp32 state. Each _foreach op applies one elementwise op to the whole
-    list of tensors, as torch.optim.AdamW(foreach=True) does (tests/test_lora.py: bit for bit).
-    fused=True hands the same update to torch.optim.AdamW(fused=True): one pass per tensor instead of seven, which
-    saves ~20 ms a step over the knowledge preset's 420 adapter tensors (docs/speed.md). It rounds differently in the
-    last bits (tested within 1e-6); lora.train uses it, since every result in docs/ was measured with it."""
+    """torch.optim.AdamW's update (Loshchilov & Hutter 2019, Algorithm 2: decoupled weight decay, bias correction)
+    written out in `step` in _foreach ops (one elementwise op over the whole list), fp32 state: bit for bit
+    torch.optim.AdamW(foreach=True). fused=True hands it to torch.optim.AdamW(fused=True), one pass per tensor: ~20 ms
+    less a knowledge-preset step (docs/speed.md), the last bits rounded differently (tested within 1e-6). lora.train
+    uses it: every result in docs/ was measured with it."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, fused=False):
         self.params = [p for p in params if p.requires_grad]
