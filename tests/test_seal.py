@@ -145,13 +145,22 @@ def test_planned_evaluations_count_the_schedule_run_walks(tiny_dir, tmp_path):
     assert len((tmp_path / "evals.jsonl").read_text().splitlines()) == seal.planned_evaluations(dom, steps, cfg)
 
 
+class NoEval(Fake):
+    def __init__(self, cfg, tok):
+        super().__init__(cfg, tok)
+        self.eval_items = []
+
+
+class NoRL(Fake):
+    def __init__(self, cfg, tok):
+        super().__init__(cfg, tok)
+        self.rl_items = []
+
+
 def test_empty_item_lists_are_refused(tiny_dir, tmp_path):
-    no_eval = type("NoEval", (Fake,), {"__init__": lambda self, cfg, tok: (Fake.__init__(self, cfg, tok),
-                                                                            setattr(self, "eval_items", []))})
     with pytest.raises(SystemExit, match="NoEval has no eval_items"):
-        seal.run(config(tiny_dir, tmp_path / "a"), no_eval)
-    no_rl = type("NoRL", (Fake,), {"__init__": lambda self, cfg, tok: (Fake.__init__(self, cfg, tok),
-                                                                        setattr(self, "rl_items", []))})
+        seal.run(config(tiny_dir, tmp_path / "a"), NoEval)
+    no_rl = NoRL
     with pytest.raises(SystemExit, match="NoRL has no RL items for ReST-EM round 1"):
         seal.run(config(tiny_dir, tmp_path / "b"), no_rl)
     assert not (tmp_path / "b" / "config.json").exists()  # refused before the run folder was written
