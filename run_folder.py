@@ -88,6 +88,12 @@ class Ranks:
 #                        m_step.json, and DONE ("ok", or "unchanged" when the round kept nothing) once finished
 #   results.json         the table: reward per row, beside the paper's numbers
 #   lock, lock-<r>       held by the run's rank 0 and rank r while they live, naming them (hold_lock below)
+# RunFolder owns these names and the rounds' markers: seal.py asks it for a path or a round's state.
+
+# A ReST-EM round's state in the folder (RunFolder.round_state)
+PENDING = "pending"          # not finished: sample, evaluate, select and fine-tune (again, after a kill)
+UNCHANGED = "unchanged"      # finished with nothing kept: the policy is the round before's
+NEW_POLICY = "new policy"    # finished: the M-step's policy is in policy_dir(r)
 
 
 def write_atomic(path: Path, text: str):
@@ -140,6 +146,7 @@ class RunFolder:
         self.dir = Path(cfg.out)
         hold_lock(self.dir, self.ranks.rank)
         cfg_file = self.dir / "config.json"
+        self.results_file = self.dir / "results.json"
         fingerprint = {**cfg.fingerprint, **({"items": items} if items else {})}
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
@@ -216,26 +223,39 @@ class RunFolder:
         self.sync()
         return self.done[(phase, "all", 0)]
 
-    def finished_round(self, r):
-        """The folder of the policy after ReST-EM round r once the round is finished ("" when it kept nothing:
-        the policy did not change); None before."""
-        done = self.dir / f"policy-round{r}" / "DONE"
-        if not done.exists():
-            return None
-        return str(done.parent) if done.read_text().strip() == "ok" else ""
+    def policy_dir(self, r) -> Path:
+        """Where ReST-EM round r's M-step saves the policy (a hub-style folder) and its m_step.json."""
+        return self.dir / f"policy-round{r}"
 
-    def finish_round(self, r, m_step):
+    def round_state(self, r) -> str:
+        """PENDING, UNCHANGED or NEW_POLICY: what the folder's marker says of ReST-EM round r."""
+        done = self.policy_dir(r) / "DONE"
+        if not done.exists():
+            return PENDING
+        return NEW_POLICY if done.read_text().strip() == "ok" else UNCHANGED
+
+    def m_step_record(self, r) -> dict | None:
+        """What round r's M-step returned (its loss per step, ...); None before it ran, or if the round kept nothing."""
+        path = self.policy_dir(r) / "m_step.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def finish_round(self, r, m_step) -> str:
         """Round r's M-step on rank 0: m_step(folder) fine-tunes the policy, saves it there and returns its record
-        (m_step.json); None leaves the policy unchanged. Then the round is marked finished and the other ranks,
-        which waited, load the new policy from the folder returned to them ("" on rank 0, which holds it)."""
-        folder = self.dir / f"policy-round{r}"
+        (m_step.json); None leaves the policy unchanged. Then the round is marked finished, the other ranks having
+        waited for it. Returns the round's state: NEW_POLICY or UNCHANGED."""
+        folder = self.policy_dir(r)
         if self.ranks.main:
             folder.mkdir(exist_ok=True)
             if m_step is not None:
                 write_atomic(folder / "m_step.json", json.dumps(m_step(folder)))
             (folder / "DONE").write_text("ok\n" if m_step is not None else "unchanged\n")
         self.ranks.barrier()
-        return str(folder) if m_step is not None and not self.ranks.main else ""
+        return self.round_state(r)
+
+    def write_results(self, result: dict):
+        """The table (rank 0 only), atomically: a reader never sees half of it."""
+        if self.ranks.main:
+            write_atomic(self.results_file, json.dumps(result, indent=2))
 
 
 # -----------------------------------------------------------------------------

@@ -16,19 +16,17 @@ tools/compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Dom
     python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
 """
 import dataclasses
-import json
+import math
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 import checkpoint
 import lora
 import settings
-# part of seal's interface: domains and tools use seal.RunFolder, seal.fmt_time, ...
-from run_folder import Progress, Ranks, RunFolder, fmt_time, hold_lock, write_atomic  # noqa: F401
+from run_folder import NEW_POLICY, PENDING, Progress, Ranks, RunFolder, fmt_time, hold_lock
 from sampling import generate_ids, sample_template
 
 # -----------------------------------------------------------------------------
@@ -136,7 +134,9 @@ class Domain:
         """The reward of one self-edit: train `adapter` (zeroed by the loop) as `text` directs, score `m`.
         text None means no adaptation. Returns at least {"reward": float}, what `select` ranks by, and "score",
         what the results table counts, where that is another number; "valid" False and a "reason" mark a
-        self-edit that could not be used (it scores 0)."""
+        self-edit that could not be used (it scores 0). Both are finite (a record without is refused before it is
+        written), by convention in [0, 1]; the default `select` keeps reward == 1 only, so a graded reward
+        overrides it."""
         raise NotImplementedError
 
     def evaluate_pooled(self, m, adapter, items, texts, seed) -> dict:
@@ -346,42 +346,47 @@ def sample_self_edits(m, tok, domain, items, n, cfg, phase, ranks=None, temperat
             for j, it in enumerate(items) for k in range(n)]
 
 
-def planned_evaluations(domain, rows, cfg, last_round) -> int:
-    """How many inner-loop evaluations the run makes: every row's, and every ReST-EM round's."""
-    per_row = lambda row: (0 if row.source == POOLED else  # one training run on all items, not ticked
-                           len(domain.eval_items) * (cfg.eval_samples if row.source in (BASE, TEACHER, RL) else 1))
-    return (sum(per_row(row) for row in rows)
-            + sum(len(domain.rl_items_for_round(r)) * cfg.rl_samples for r in range(1, last_round + 1)))
-
-
 def first_occurrences(keys) -> list:
     """For each position, the position of the first equal key."""
     seen = {}
     return [seen.setdefault(key, i) for i, key in enumerate(keys)]
 
 
-def job_record(phase, job, res) -> dict:
-    rec = {"phase": phase, "item": job["item"], "k": job["k"], "text": job["text"], **with_defaults(res)}
-    if "ids" in job:  # the M-step trains on the sampled tokens
-        rec["prompt_ids"], rec["ids"] = job["prompt_ids"], job["ids"]
+def checked(domain, rec, keys=("reward", "score")) -> dict:
+    """rec, once the numbers the loop reads from it are finite. A record is written once and read back on every
+    resume, so a domain's missing or non-finite reward stops the run here, before the run folder holds it: the fixed
+    domain then resumes the same folder."""
+    for key in keys:
+        value = rec.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{type(domain).__name__}.evaluate returned {key}={value!r} for item {rec['item']!r} in "
+                             f"phase {rec['phase']!r}: a record needs a finite number (a Python float) under "
+                             f"{key!r}; nothing was written")
     return rec
 
 
-def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
-    """Run the inner loop + reward for every (item, k, self-edit) not already in the run folder. Jobs that would
+def job_record(domain, phase, job, res) -> dict:
+    rec = {"phase": phase, "item": job["item"], "k": job["k"], "text": job["text"], **with_defaults(res)}
+    if "ids" in job:  # the M-step trains on the sampled tokens
+        rec["prompt_ids"], rec["ids"] = job["prompt_ids"], job["ids"]
+    return checked(domain, rec)
+
+
+def evaluate_phase(folder, learner, domain, phase, jobs, cfg, progress=None):
+    """The inner loop and the reward of every (item, k, self-edit) not already in the run folder. Jobs that would
     give the same evaluation (one item, one domain.self_edit_key, one domain.evaluation_seed) are evaluated once,
     at the first of them in the phase's job list; each later one gets a copy of its record marked "shared_with":
     its k. Under torchrun this rank takes every world-th of the distinct evaluations (by position, so it does not
     depend on what is done) and writes their copies itself, so no rank waits on another before the phase's sync;
     on a resume, a copy whose evaluation is in the run folder is written without evaluating again."""
-    ranks = run.ranks
+    ranks = folder.ranks
     seeds = [domain.evaluation_seed(phase, j["item"], j["k"]) for j in jobs]
     first = first_occurrences([(j["item"], domain.self_edit_key(j["text"]), s) for j, s in zip(jobs, seeds)])
     copies = {}  # position of a distinct evaluation -> the positions that share its record
     for c, f in enumerate(first):
         copies.setdefault(f, []).extend([c] if c != f else [])
     mine = list(copies)[ranks.rank::ranks.world]
-    done = lambda i: (phase, jobs[i]["item"], jobs[i]["k"]) in run.done
+    done = lambda i: (phase, jobs[i]["item"], jobs[i]["k"]) in folder.done
     todo = [i for i in mine if not done(i)]
     tag = phase_tag(phase, ranks)
     if todo:
@@ -394,23 +399,23 @@ def evaluate_phase(run, learner, domain, phase, jobs, cfg, progress=None):
         if not done(i):
             t1, n = time.time(), n + 1
             res = learner.evaluate(domain, j["item"], j["text"], seed=seeds[i])
-            rec = job_record(phase, j, {**res, "seconds": round(time.time() - t1, 2)})
-            run.log(rec)
+            rec = job_record(domain, phase, j, {**res, "seconds": round(time.time() - t1, 2)})
+            folder.log(rec)
             eta = (time.time() - t0) / n * (len(todo) - n)
             why = "" if rec["valid"] else f" ({rec['reason']})"
             whole = f"; {progress.tick(rec['seconds'])}" if progress else ""
             print(f"{tag} {n}/{len(todo)} {j['item']} #{j['k']}: {describe(domain, [rec])}{why}; "
                   f"{rec['seconds']:.0f}s, ETA {fmt_time(eta)}{whole}", flush=True)
-        rec = run.done[(phase, j["item"], j["k"])]
+        rec = folder.done[(phase, j["item"], j["k"])]
         for c in copies[i]:
             if not done(c):  # written right after its evaluation, or on the resume after a kill between the two
                 shared = {key: v for key, v in rec.items() if key not in own}
-                run.log(job_record(phase, jobs[c], {**shared, "shared_with": j["k"], "seconds": 0.0}))
+                folder.log(job_record(domain, phase, jobs[c], {**shared, "shared_with": j["k"], "seconds": 0.0}))
                 whole = f"; {progress.tick(None)}" if progress else ""
                 print(f"{tag} {j['item']} #{jobs[c]['k']}: the same self-edit as #{j['k']}, its record shared{whole}",
                       flush=True)
-    run.sync()
-    return [run.done[(phase, j["item"], j["k"])] for j in jobs]
+    folder.sync()
+    return [folder.done[(phase, j["item"], j["k"])] for j in jobs]
 
 
 def pick_rows(domain, keys: str, cfg):
@@ -433,116 +438,150 @@ def pick_rows(domain, keys: str, cfg):
     return rows
 
 
+def schedule(rows, cfg) -> list:
+    """The run's steps in order: each row on the base model (a Row), then each ReST-EM round (its number, up to the
+    last round an RL row needs) followed by the RL rows of that round (the rounds change the policy's weights)."""
+    rl_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
+    last_round = max((rl_round(row) for row in rows if row.source == RL), default=0)
+    steps = [row for row in rows if row.source != RL]
+    for r in range(1, last_round + 1):
+        steps += [r] + [row for row in rows if row.source == RL and rl_round(row) == r]
+    return steps
+
+
+def check_items(domain, steps):
+    """Stop before anything runs when the schedule would meet an empty item list: a run with nothing to evaluate
+    would succeed with every row at 0/0."""
+    name = type(domain).__name__
+    if not domain.eval_items:
+        raise SystemExit(f"{name} has no eval_items: its __init__ sets self.eval_items, a list of item ids")
+    for r in (step for step in steps if not isinstance(step, Row)):
+        if not domain.rl_items_for_round(r):
+            raise SystemExit(f"{name} has no RL items for ReST-EM round {r}: its __init__ sets self.rl_items, a list "
+                             f"of item ids (or rl_items_for_round({r}) gave none)")
+
+
+def planned_evaluations(domain, steps, cfg) -> int:
+    """How many inner-loop evaluations the schedule's steps make: each row's and each ReST-EM round's."""
+    def count(step):
+        if not isinstance(step, Row):  # a round: every RL item's samples
+            return len(domain.rl_items_for_round(step)) * cfg.rl_samples
+        if step.source == POOLED:  # one training run on all items, not ticked
+            return 0
+        return len(domain.eval_items) * (cfg.eval_samples if step.source in (BASE, TEACHER, RL) else 1)
+    return sum(map(count, steps))
+
+
+def evaluate_row(folder, learner, domain, cfg, row, table, progress=None):
+    """One row of the table: every evaluation item's self-edit(s), from where row.source says, through the inner
+    loop. table: the rows evaluated before it, {Row: records} (the POOLED row trains the BASE row's self-edits)."""
+    items, phase = domain.eval_items, row.key
+    if row.source == POOLED:  # one job, on rank 0: every item's base-policy self-edit in one adapter
+        texts = [r["text"] for r in next(recs for b, recs in table.items() if b.source == BASE) if r["k"] == 0]
+        seed = stable_seed(cfg.seed, phase)
+        pooled = lambda: checked(domain, {"phase": phase, "item": "all", **with_defaults(
+            learner.evaluate_pooled(domain, items, texts, seed))}, keys=("score",))
+        return [folder.once(phase, pooled)]
+    if row.source in (NONE, FIXED, CONTROL):
+        text = lambda it: (None if row.source == NONE else row.text if row.source == FIXED
+                           else domain.control_text(row.key, it))
+        return evaluate_phase(folder, learner, domain, phase, [{"item": it, "k": 0, "text": text(it)}
+                                                               for it in items], cfg, progress)
+
+    def sample():  # BASE and RL: the policy as it is now; TEACHER: --teacher
+        # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on each
+        # rank, and only when the samples are not in the run folder yet (sample() is not called then).
+        m, tok = (checkpoint.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
+                  if row.source == TEACHER else (learner.policy(), learner.tok))
+        return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, folder.ranks)
+    recs = evaluate_phase(folder, learner, domain, phase, folder.samples(phase, sample), cfg, progress)
+    if folder.ranks.main:
+        print(f"[{phase}] valid self-edits {sum(r['valid'] for r in recs)}/{len(recs)}, mean "
+              f"{describe(domain, recs)}", flush=True)
+    return recs
+
+
 def run(cfg: RunConfig, domain_cls):
-    """The whole experiment for one domain: the rows on the base model, the ReST-EM rounds, each row after
-    ReST-EM once its round is done, then the table. Every finished step is in the run folder, from which the
-    same command resumes."""
+    """The whole experiment for one domain, as its schedule: the rows on the base model, the ReST-EM rounds, each
+    row after ReST-EM once its round is done, then the table. Every finished step is in the run folder, from which
+    the same command resumes."""
     torch.manual_seed(cfg.seed)
     ranks = Ranks()
     hold_lock(cfg.out, ranks.rank)  # before the model loads: a second launch on a folder in use stops at once
     learner = Learner(cfg, cfg.model)
     domain = domain_cls(cfg, learner.tok)
     rows = pick_rows(domain, cfg.rows, cfg)
-    run_dir = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items}, ranks=ranks)
-    print(f"run folder {run_dir.dir}; model {cfg.model} on {learner.device} ({learner.dtype}); "
+    steps = schedule(rows, cfg)
+    check_items(domain, steps)
+    folder = RunFolder(cfg, items={"rl": domain.rl_items, "eval": domain.eval_items}, ranks=ranks)
+    print(f"run folder {folder.dir}; model {cfg.model} on {learner.device} ({learner.dtype}); "
           f"{type(domain).__name__}: {len(domain.rl_items)} RL and {len(domain.eval_items)} evaluation items"
           + (f"; rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""), flush=True)
-    table = {}  # row key -> its evaluation records
-    rl_round = lambda row: min(row.after_round or cfg.rounds, cfg.rounds)
-    last_round = max((rl_round(row) for row in rows if row.source == RL), default=0)
-    progress = Progress(planned_evaluations(domain, rows, cfg, last_round), done=len(run_dir.done), world=ranks.world)
-
-    def evaluate_row(row):
-        """Every evaluation item's self-edit(s), from where row.source says, through the inner loop."""
-        items, phase = domain.eval_items, row.key
-        if row.source == POOLED:  # one job, on rank 0: every item's base-policy self-edit in one adapter
-            texts = [r["text"] for r in table[next(b.key for b in rows if b.source == BASE)] if r["k"] == 0]
-            return [run_dir.once(phase, lambda: with_defaults(learner.evaluate_pooled(domain, items, texts,
-                                                                                      stable_seed(cfg.seed, phase))))]
-        if row.source in (NONE, FIXED, CONTROL):
-            text = lambda it: (None if row.source == NONE else row.text if row.source == FIXED
-                               else domain.control_text(row.key, it))
-            return evaluate_phase(run_dir, learner, domain, phase, [{"item": it, "k": 0, "text": text(it)}
-                                                                    for it in items], cfg, progress)
-
-        def make():  # BASE and RL: the policy as it is now; TEACHER: --teacher
-            # Every rank samples its share of the items, so every rank needs the teacher: it is loaded here, on
-            # each rank, and only when the samples are not in the run folder yet (make() is not called then).
-            m, tok = (checkpoint.load(cfg.teacher, device=learner.device, dtype=learner.dtype)
-                      if row.source == TEACHER else (learner.policy(), learner.tok))
-            return sample_self_edits(m, tok, domain, items, cfg.eval_samples, cfg, phase, ranks)
-        recs = evaluate_phase(run_dir, learner, domain, phase, run_dir.samples(phase, make), cfg, progress)
-        if ranks.main:
-            print(f"[{phase}] valid self-edits {sum(r['valid'] for r in recs)}/{len(recs)}, mean "
-                  f"{describe(domain, recs)}", flush=True)
-        return recs
-
-    for row in rows:  # the rows on the base model (the rounds change its weights)
-        if row.source != RL:
-            table[row.key] = evaluate_row(row)
-    for r in range(1, last_round + 1):
-        rest_em_round(run_dir, learner, domain, cfg, r, progress)
-        for row in rows:  # the rows after this round
-            if row.source == RL and rl_round(row) == r:
-                table[row.key] = evaluate_row(row)
-    return report(run_dir, cfg, domain, rows, table)
+    progress = Progress(planned_evaluations(domain, steps, cfg), done=len(folder.done), world=ranks.world)
+    table = {}  # Row -> its evaluation records
+    for step in steps:
+        if isinstance(step, Row):
+            table[step] = evaluate_row(folder, learner, domain, cfg, step, table, progress)
+        else:
+            rest_em_round(folder, learner, domain, cfg, step, progress)
+    return report(folder, cfg, domain, rows, table)
 
 
-def rest_em_round(run_dir, learner, domain, cfg, r, progress=None):
-    """One ReST-EM round (paper section 3.1): sample self-edits for the round's RL items from the policy, reward
-    each through the inner loop, keep the rewarded (E-step), fine-tune the policy on them (M-step). A round the
-    run folder holds as finished is not run again: its policy is loaded."""
-    phase = f"rl{r}"
-    policy = run_dir.finished_round(r)  # its policy's folder ("" when it kept nothing); None: not finished
-    if policy is None:
-        items = domain.rl_items_for_round(r)
-        jobs = run_dir.samples(phase, lambda: sample_self_edits(learner.policy(), learner.tok, domain, items,
-                                                                 cfg.rl_samples, cfg, phase, run_dir.ranks,
-                                                                 cfg.rl_temperature or cfg.se_temperature))
-        recs = evaluate_phase(run_dir, learner, domain, phase, jobs, cfg, progress)  # reward: the inner loop
-        kept = domain.select(recs)  # E-step
-        if run_dir.ranks.main:
-            print(f"[{phase}] keeping {len(kept)}/{len(recs)} self-edits for the M-step", flush=True)
-        # M-step on rank 0, saved as the round's policy; the other ranks wait for it and load it below
-        policy = run_dir.finish_round(r, (lambda folder: learner.m_step(kept, phase, folder)) if kept else None)
-    if policy:  # a resumed round, or another rank's M-step: the new policy is read from its folder
-        learner.load(policy)
-        print(f"[{phase}] policy loaded from {policy}", flush=True)
+def rest_em_round(folder, learner, domain, cfg, r, progress=None):
+    """One ReST-EM round (paper section 3.1), its steps in order: sample self-edits for the round's RL items from
+    the policy; the inner loop and reward of each; the E-step keeps the rewarded; the M-step fine-tunes the policy on
+    them. A round the run folder holds as finished is not run again; a new policy it made is loaded."""
+    phase, fine_tuned_here = f"rl{r}", False
+    if folder.round_state(r) == PENDING:
+        items, temperature = domain.rl_items_for_round(r), cfg.rl_temperature or cfg.se_temperature
+        samples = folder.samples(phase, lambda: sample_self_edits(  # sample (written once, read back on a resume)
+            learner.policy(), learner.tok, domain, items, cfg.rl_samples, cfg, phase, folder.ranks, temperature))
+        rewarded = evaluate_phase(folder, learner, domain, phase, samples, cfg, progress)  # inner loop + reward
+        kept = domain.select(rewarded)                                                      # E-step
+        if folder.ranks.main:
+            print(f"[{phase}] keeping {len(kept)}/{len(rewarded)} self-edits for the M-step", flush=True)
+        m_step = (lambda save_to: learner.m_step(kept, phase, save_to)) if kept else None
+        folder.finish_round(r, m_step)  # M-step: rank 0 fine-tunes and saves the policy, the other ranks wait
+        fine_tuned_here = folder.ranks.main and m_step is not None
+    if folder.round_state(r) == NEW_POLICY and not fine_tuned_here:  # a resumed round, or rank 0's M-step
+        learner.load(str(folder.policy_dir(r)))
+        print(f"[{phase}] policy loaded from {folder.policy_dir(r)}", flush=True)
 
 
-def round_summaries(run_dir, domain, rounds):
+def round_summaries(folder, domain, rounds):
     """Per ReST-EM round: how many sampled self-edits were valid and rewarded, what they and the kept ones chose
     (the E-step's view of the policy, before its M-step), their metrics, and what the M-step did."""
     out = []
     for r in range(1, rounds + 1):
-        recs = [v for (phase, _, _), v in run_dir.done.items() if phase == f"rl{r}"]
+        recs = [v for (phase, _, _), v in folder.done.items() if phase == f"rl{r}"]
         if not recs:
             break
-        ms = run_dir.dir / f"policy-round{r}" / "m_step.json"  # absent when the round kept nothing
         kept = domain.select(recs)
         out.append({"round": r, "samples": len(recs), "valid": sum(x["valid"] for x in recs),
                     "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
                     "metrics": domain.metrics(recs), "kept_choices": domain.choices(kept), "kept_metrics":
-                    domain.metrics(kept), "m_step": json.loads(ms.read_text()) if ms.exists() else None})
+                    domain.metrics(kept), "m_step": folder.m_step_record(r)})
     return out
 
 
-def report(run_dir, cfg, domain, rows, records):
+def report(folder, cfg, domain, rows, records):
+    """The results table ({Row: records} summed per row), the rounds' summaries, written to the run folder and
+    printed beside the paper's numbers."""
     table = []
     for row in rows:
-        recs = records[row.key]
+        recs = records[row]
         total = sum(r["weight"] for r in recs)  # a pooled record stands for all its items' questions
         score = sum(r["score"] * r["weight"] for r in recs)
         table.append({"row": row.key, "method": row.label, "score": score, "total": total,
                       "rate": score / max(1, total), "paper": row.paper,
                       "valid": sum(r["valid"] for r in recs), "choices": domain.choices(recs),
                       "metrics": domain.metrics(recs)})
-    rounds = round_summaries(run_dir, domain, cfg.rounds) if any(r.source == RL for r in rows) else []
+    rounds = round_summaries(folder, domain, cfg.rounds) if any(r.source == RL for r in rows) else []
     result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
               "config": cfg.fingerprint, "rows": table, "rounds": rounds}
-    if not run_dir.ranks.main:
+    if not folder.ranks.main:
         return result
-    write_atomic(run_dir.dir / "results.json", json.dumps(result, indent=2))
+    folder.write_results(result)
     print(f"\n{'method':<44}{'ours':<20}paper")
     for r in table:
         ours = f"{r['rate'] * 100:.1f}% ({r['score']:.3g}/{r['total']:g})"
@@ -568,5 +607,5 @@ def report(run_dir, cfg, domain, rows, records):
                 f"{ms['losses'][-1]:.3g}" if ms and ms["losses"] else "no M-step, the policy is unchanged")
         print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
               f"reward ({domain.reward_name}) sum {r['rewarded']:.3g}; {what}")
-    print(f"\nresults: {run_dir.dir / 'results.json'}; every self-edit: {run_dir.evals_file}")
+    print(f"\nresults: {folder.results_file}; every self-edit: {folder.evals_file}")
     return result

@@ -4,11 +4,15 @@
 #                                         preset on CPU; the preset applies to every subcommand
 #   bash train.sh knowledge [run|filter|prompts|reliability|forget|squad] [--key=value ...]   SEAL on knowledge
 #                                         incorporation, likewise
+#   bash train.sh NAME [COMMAND] [--key=value ...]   your own domain, domains/NAME.py (README: "Write a domain"),
+#                                         COMMAND run unless given; no preset
 #   ... --nproc=N                         the self-edit evaluations sharded over N processes (torchrun)
 #   bash train.sh bench [--key=value ...]  ours against transformers (+ PEFT) on SEAL's hot paths (tools/bench.py)
 #   bash train.sh gpu-check [OUT_DIR] [--key=value ...]   all the GPU measurements in timed stages (tools/gpu_check.py)
 #   bash train.sh test                    the test suite (what CI runs)
 #   bash train.sh setup                   only the set-up (also done by each command above)
+#   bash train.sh preset arc|knowledge cpu|gpu   a preset's arguments, one a line, on either machine (no set-up,
+#                                         nothing run): what tools/gpu_check.py reads
 #   ... --help                            a command's settings, their values (preset included) and what each does
 # Set-up is idempotent: a virtual environment in .venv, the pinned packages (an installed torch is reused,
 # else torch==2.13.0, the CPU build on a machine without a GPU), the offline model converted once. arc and
@@ -27,6 +31,7 @@ has() { "$PY" -c "$1" 2>/dev/null; }  # has "import ...": the set-up's python im
 
 setup() {  # setup [test]: what the runs need; "test" adds the test-only references (requirements-test.txt)
   local want test_want
+  [ -z "$preset_only" ] || return 0  # `preset` prints arguments: it needs no packages
   if [ ! -x "$PY" ] && python3 -c "$RUNTIME" 2>/dev/null &&
       { [ "${1:-}" != test ] || python3 -c "$TEST_ONLY" 2>/dev/null; }; then
     PY=python3  # everything imports already: no venv, no pip (the wheels' model and tasks: docs/gpu.md)
@@ -71,6 +76,10 @@ setup() {  # setup [test]: what the runs need; "test" adds the test-only referen
 launch() {  # launch MODULE ARGS...: one process, or N processes through torchrun when --nproc=N is given
   local nproc=1 args=()
   for a in "$@"; do case "$a" in --nproc=*) nproc=${a#--nproc=} ;; *) args+=("$a") ;; esac; done
+  if [ -n "$preset_only" ]; then  # `preset`: the arguments after MODULE and its command, not the process count
+    printf '%s\n' "${args[@]:2}"
+    exit 0
+  fi
   if [ "$nproc" -gt 1 ]; then
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m "${args[@]}"
   fi
@@ -85,10 +94,19 @@ cpu_shards() {  # cpu_shards SUB ARGS...: "--nproc=2" for a CPU preset's `run` o
   if [ "$1" = run ] && [ "$cores" -ge 2 ] && [[ " ${*:2} " != *" --help "* ]]; then echo --nproc=2; fi
 }
 
-has_gpu() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
+has_gpu() {  # under `preset` the machine named, else this one
+  case "$preset_only" in gpu) return 0 ;; cpu) return 1 ;; esac
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
 
 cmd=${1:-}
 shift || true
+preset_only=""
+if [ "$cmd" = preset ]; then  # preset DOMAIN cpu|gpu: the domain's command below prints its preset instead of running
+  case "${1:-}:${2:-}" in arc:cpu|arc:gpu|knowledge:cpu|knowledge:gpu) ;; *)
+    echo "usage: bash train.sh preset arc|knowledge cpu|gpu" >&2; exit 2 ;; esac
+  cmd=$1 preset_only=$2
+  set --
+fi
 case "$cmd" in
   setup) setup test ;;
   test)
@@ -149,5 +167,11 @@ case "$cmd" in
   -h|--help|help)  # the comment lines at the top, however many
     sed '1d;/^[^#]/,$d' "$0" ;;
   *)
+    if [ -n "$cmd" ] && [ -f "domains/$cmd.py" ] && grep -q '^def main(' "domains/$cmd.py"; then  # a fork's domain
+      setup
+      sub=run
+      if [ -n "${1:-}" ] && [ "${1#-}" = "$1" ]; then sub=$1; shift; fi
+      launch "domains.$cmd" "$sub" "$@"
+    fi
     sed '1d;/^[^#]/,$d' "$0"; exit 2 ;;
 esac

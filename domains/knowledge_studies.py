@@ -21,6 +21,7 @@ import torch
 
 import seal
 import settings
+from run_folder import RunFolder, fmt_time, write_atomic
 from domains.knowledge import ALL_PROJ, Knowledge, KnowledgeConfig
 from domains.knowledge_text import CONTROLS, GRADERS, answer_coverage, self_edit_lines, squad_selection
 
@@ -83,7 +84,7 @@ def filter_configs(argv):
                   f"per run", flush=True)
             out["configs"].setdefault(spec, {})[t] = recs
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        seal.write_atomic(Path(cfg.out) / "filter.json", json.dumps(out, indent=1))
+        write_atomic(Path(cfg.out) / "filter.json", json.dumps(out, indent=1))
     return out
 
 
@@ -117,7 +118,7 @@ def compare_prompts(argv):
             print(f"{variant:>18} T={t:<4g} coverage {sum(cov) / len(cov):.2f}, best of {cfg.rl_samples} "
                   f"{sum(best) / len(best):.2f}, {lines:.1f} lines", flush=True)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    seal.write_atomic(Path(cfg.out) / "prompts.json", json.dumps(out, indent=1))
+    write_atomic(Path(cfg.out) / "prompts.json", json.dumps(out, indent=1))
     return out
 
 
@@ -168,20 +169,20 @@ def reliability(argv):
     items = dom.rl_items[:cfg.n_passages]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = seal.RunFolder(cfg, items={"reliability": items})
-    jobs = run.samples("reliability", lambda: seal.sample_self_edits(learner.policy(), learner.tok, dom, items,
-                                                                        cfg.rl_samples, cfg, "reliability"))
+    folder = RunFolder(cfg, items={"reliability": items})
+    jobs = folder.samples("reliability", lambda: seal.sample_self_edits(learner.policy(), learner.tok, dom, items,
+                                                                           cfg.rl_samples, cfg, "reliability"))
     t0, todo = time.time(), [(j, s) for j in jobs for s in range(cfg.retest_seeds)
-                            if (f"seed{s}", j["item"], j["k"]) not in run.done]
+                            if (f"seed{s}", j["item"], j["k"]) not in folder.done]
     for i, (j, s) in enumerate(todo):
         seed = seal.stable_seed(cfg.seed, "reliability", j["item"], j["k"], s)
         res = learner.evaluate(dom, j["item"], j["text"], seed)
-        run.log({"phase": f"seed{s}", "item": j["item"], "k": j["k"], "text": j["text"], **res})
+        folder.log({"phase": f"seed{s}", "item": j["item"], "k": j["k"], "text": j["text"], **res})
         eta = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
         print(f"{i + 1}/{len(todo)} {j['item']} #{j['k']} seed {s}: {cfg.grader} {res['score']:.2f}, sampled "
-              f"{res['sampled']:.2f}, loglik {res['loglik']:.2f}, ETA {seal.fmt_time(eta)}", flush=True)
+              f"{res['sampled']:.2f}, loglik {res['loglik']:.2f}, ETA {fmt_time(eta)}", flush=True)
     k, seeds = cfg.rl_samples, range(cfg.retest_seeds)
-    rec = lambda it, kk, s: run.done[(f"seed{s}", it, kk)]
+    rec = lambda it, kk, s: folder.done[(f"seed{s}", it, kk)]
     rewards = {**{g: lambda r, g=g: r["accuracy"][g] for g in GRADERS}, "loglik": lambda r: r["loglik"],
                "sampled": lambda r: r["sampled"]}
     table = {name: reliability_stats([[[fn(rec(it, kk, s)) for s in seeds] for kk in range(k)] for it in items])
@@ -197,7 +198,7 @@ def reliability(argv):
               f"{st['sample_sd']:>11.3f}{st['seed_sd']:>9.3f}{st['agree']:>7.2f}")
     result = {"items": items, "k": k, "seeds": len(seeds), "prompt": cfg.prompt, "frame": cfg.frame,
               "means": means, "stats": table}
-    seal.write_atomic(out / "reliability.json", json.dumps(result, indent=1))
+    write_atomic(out / "reliability.json", json.dumps(result, indent=1))
     return result
 
 
@@ -223,7 +224,7 @@ def forget(argv):
         print(f"after edit {step} ({it}): " + " ".join(f"{a:.2f}" for a in matrix[-1]), flush=True)
     result = {"items": items, "titles": [dom.passages[i]["title"] for i in items], "grader": cfg.grader,
               "matrix": matrix, "self_edits": texts, "model": cfg.model, "seed": cfg.seed}
-    seal.write_atomic(out / "forgetting.json", json.dumps(result, indent=2))
+    write_atomic(out / "forgetting.json", json.dumps(result, indent=2))
     print(f"forgetting matrix (row i: after i merged edits; column j: passage j): {out / 'forgetting.json'}")
     try:
         import matplotlib

@@ -10,6 +10,7 @@ import torch
 import lora
 import checkpoint
 import sampling
+import run_folder
 import seal
 from domains import arc as arc_domain
 
@@ -222,7 +223,7 @@ def test_self_edits_that_parse_alike_are_one_evaluation_on_one_draw(tiny_dir, tm
     assert dom.evaluation_seed("base", "5582e5ca", 0) != dom.evaluation_seed("base", "6150a2bd", 0)
     jobs = [{"item": "5582e5ca", "k": k, "text": t} for k, t in enumerate([edit.to_json(), "{not json", spaced])]
     CountingArc.calls.clear()
-    recs = seal.evaluate_phase(seal.RunFolder(cfg), learner, dom, "base", jobs, cfg)
+    recs = seal.evaluate_phase(run_folder.RunFolder(cfg), learner, dom, "base", jobs, cfg)
     assert [c[1] for c in CountingArc.calls] == [edit.to_json(), "{not json"]
     assert recs[2]["shared_with"] == 0 and recs[2]["text"] == spaced and recs[2]["train"] == recs[0]["train"]
     assert recs[2]["attempts"] == recs[0]["attempts"] and recs[2]["reward"] == recs[0]["reward"]
@@ -237,8 +238,8 @@ def test_a_folder_from_per_self_edit_draws_does_not_resume(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="ttt_draw"):
-        seal.RunFolder(cfg)
-    seal.RunFolder(arc_domain.ArcConfig(out=str(tmp_path / "new")))  # a new folder takes the new kind
+        run_folder.RunFolder(cfg)
+    run_folder.RunFolder(arc_domain.ArcConfig(out=str(tmp_path / "new")))  # a new folder takes the new kind
     assert json.loads((tmp_path / "new" / "config.json").read_text())["ttt_draw"] == "per task"
 
 

@@ -12,6 +12,7 @@ import lora
 import checkpoint
 import sampling
 import settings
+import run_folder
 import seal
 
 
@@ -130,6 +131,72 @@ def test_resume_after_a_crash_repeats_nothing(tiny_dir, tmp_path, capsys):
     assert Fake.calls == [] and again["rows"] == straight["rows"]
 
 
+def test_planned_evaluations_count_the_schedule_run_walks(tiny_dir, tmp_path):
+    """The schedule: the rows on the base model, then each round and the rows after it; the progress line's total
+    is what a run then evaluates (every record in the folder)."""
+    cfg = config(tiny_dir, tmp_path, rounds=2, rows="none,base,rl")
+    learner = seal.Learner(cfg, cfg.model)
+    dom = Fake(cfg, learner.tok)
+    rows = seal.pick_rows(dom, cfg.rows, cfg)
+    steps = seal.schedule(rows, cfg)
+    assert [s if isinstance(s, int) else s.key for s in steps] == ["none", "base", 1, 2, "rl"]
+    assert seal.planned_evaluations(dom, steps, cfg) == 2 + 2 * 2 + 2 * 3 * 4 + 2 * 2
+    seal.run(cfg, Fake)
+    assert len((tmp_path / "evals.jsonl").read_text().splitlines()) == seal.planned_evaluations(dom, steps, cfg)
+
+
+class NoEval(Fake):
+    def __init__(self, cfg, tok):
+        super().__init__(cfg, tok)
+        self.eval_items = []
+
+
+class NoRL(Fake):
+    def __init__(self, cfg, tok):
+        super().__init__(cfg, tok)
+        self.rl_items = []
+
+
+def test_empty_item_lists_are_refused(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="NoEval has no eval_items"):
+        seal.run(config(tiny_dir, tmp_path / "a"), NoEval)
+    no_rl = NoRL
+    with pytest.raises(SystemExit, match="NoRL has no RL items for ReST-EM round 1"):
+        seal.run(config(tiny_dir, tmp_path / "b"), no_rl)
+    assert not (tmp_path / "b" / "config.json").exists()  # refused before the run folder was written
+    res = seal.run(config(tiny_dir, tmp_path / "c", rows="none,fixed"), no_rl)  # no round: no RL items needed
+    assert [r["total"] for r in res["rows"]] == [2, 2]
+
+
+class BadReward(Fake):
+    """A domain under repair: its evaluate returns a NaN reward, or none at all, for item e2."""
+    bad = {"reward": float("nan")}
+
+    def evaluate(self, m, adapter, item, text, seed):
+        return BadReward.bad if item == "e2" else super().evaluate(m, adapter, item, text, seed)
+
+
+@pytest.mark.parametrize("bad", [{"reward": float("nan")}, {"score": 1.0}, {"reward": "1"}])
+def test_a_record_without_a_finite_reward_is_refused_before_it_is_written(tiny_dir, tmp_path, bad):
+    BadReward.bad = bad
+    with pytest.raises(ValueError, match=r"BadReward.evaluate returned reward=.* for item 'e2' in phase 'none'"):
+        seal.run(config(tiny_dir, tmp_path, rows="none"), BadReward)
+    recs = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert [r["item"] for r in recs] == ["e1"]  # e2's record was not written
+    res = seal.run(config(tiny_dir, tmp_path, rows="none"), Fake)  # the domain fixed: the same folder resumes
+    assert res["rows"][0]["total"] == 2
+
+
+def test_a_round_state_is_one_of_three(tiny_dir, tmp_path):
+    folder = run_folder.RunFolder(config(tiny_dir, tmp_path))
+    assert folder.round_state(1) == run_folder.PENDING and folder.m_step_record(1) is None
+    folder.finish_round(1, None)  # kept nothing
+    assert folder.round_state(1) == run_folder.UNCHANGED and folder.m_step_record(1) is None
+    folder.finish_round(2, lambda save_to: {"examples": 3, "to": str(save_to)})
+    assert folder.round_state(2) == run_folder.NEW_POLICY
+    assert folder.m_step_record(2) == {"examples": 3, "to": str(folder.policy_dir(2))}
+
+
 def test_after_an_evaluation_the_policy_is_the_plain_model(tiny_dir):
     cfg = config(tiny_dir, "unused")
     learner = seal.Learner(cfg, cfg.model)
@@ -162,41 +229,41 @@ def test_a_control_row_evaluates_the_domains_text_for_each_item(tiny_dir, tmp_pa
 def test_rows_are_checked_and_a_run_folder_knows_its_domain(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match=re.escape("--rows='oracle': expected one of none, fixed, base, rl")):
         seal.run(config(tiny_dir, tmp_path / "a", rows="base,oracle"), Fake)
-    seal.RunFolder(config(tiny_dir, tmp_path / "b"))
+    run_folder.RunFolder(config(tiny_dir, tmp_path / "b"))
     with pytest.raises(SystemExit, match="other settings.*config: 'FakeConfig' there, 'RunConfig' now"):
-        seal.RunFolder(seal.RunConfig(**{k: v for k, v in vars(config(tiny_dir, tmp_path / "b")).items()
+        run_folder.RunFolder(seal.RunConfig(**{k: v for k, v in vars(config(tiny_dir, tmp_path / "b")).items()
                                           if k != "word"}))
 
 
 def test_a_run_folder_refuses_other_settings(tiny_dir, tmp_path):
-    seal.RunFolder(config(tiny_dir, tmp_path))
+    run_folder.RunFolder(config(tiny_dir, tmp_path))
     with pytest.raises(SystemExit, match="other settings"):
-        seal.RunFolder(config(tiny_dir, tmp_path, seed=1))
+        run_folder.RunFolder(config(tiny_dir, tmp_path, seed=1))
     items = {"rl": ["5582e5ca"], "eval": ["0d3d703e"]}
-    seal.RunFolder(config(tiny_dir, tmp_path / "b"), items)
+    run_folder.RunFolder(config(tiny_dir, tmp_path / "b"), items)
     with pytest.raises(SystemExit, match="other settings.*items"):  # the data file changed under its name
-        seal.RunFolder(config(tiny_dir, tmp_path / "b"), {**items, "eval": ["a85d4709"]})
+        run_folder.RunFolder(config(tiny_dir, tmp_path / "b"), {**items, "eval": ["a85d4709"]})
 
 
 def test_a_line_cut_by_a_kill_is_dropped(tiny_dir, tmp_path):
-    run = seal.RunFolder(config(tiny_dir, tmp_path))
+    run = run_folder.RunFolder(config(tiny_dir, tmp_path))
     run.log({"phase": "icl", "item": "x", "k": 0, "reward": 1.0})
     with open(run.evals_file, "a") as f:
         f.write('{"phase": "icl", "item": "y", "k": 0, "rew')
-    again = seal.RunFolder(config(tiny_dir, tmp_path))
+    again = run_folder.RunFolder(config(tiny_dir, tmp_path))
     assert list(again.done) == [("icl", "x", 0)]
 
 
 def test_a_record_is_read_once_and_never_appended_twice(tiny_dir, tmp_path, capsys):
     """A folder written by two runs at once (before it had a lock) holds repeats: each is read once, with a
     warning, and this rank's file is rewritten without them; a record already there is not appended again."""
-    run = seal.RunFolder(config(tiny_dir, tmp_path))
+    run = run_folder.RunFolder(config(tiny_dir, tmp_path))
     first, other = {"phase": "icl", "item": "x", "k": 0, "reward": 1.0}, {"phase": "icl", "item": "y", "k": 0}
     with open(run.evals_file, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in (first, other, {**first, "reward": 0.0})))
     (tmp_path / "evals-1.jsonl").write_text(json.dumps({**other, "reward": 0.5}) + "\n")
     capsys.readouterr()
-    again = seal.RunFolder(config(tiny_dir, tmp_path))
+    again = run_folder.RunFolder(config(tiny_dir, tmp_path))
     assert "records 2 evaluation(s) more than once" in capsys.readouterr().out
     assert again.done == {("icl", "x", 0): first, ("icl", "y", 0): {**other, "reward": 0.5}}  # evals-1 sorts first
     assert [json.loads(x) for x in again.evals_file.read_text().splitlines()] == [first]
@@ -344,7 +411,7 @@ def test_two_ranks_evaluate_each_distinct_self_edit_once(tiny_dir, tmp_path):
     def phase(out, world):
         cfg = config(tiny_dir, out)
         barrier = threading.Barrier(world)
-        folders = [seal.RunFolder(cfg, ranks=ThreadRanks(r, world, barrier)) for r in range(world)]
+        folders = [run_folder.RunFolder(cfg, ranks=ThreadRanks(r, world, barrier)) for r in range(world)]
         got, errors = {}, []
 
         def rank(r):

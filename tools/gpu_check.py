@@ -24,7 +24,7 @@ that cannot start in the time left is recorded as skipped with the reason; one t
 timed_out, with what it wrote before it was killed (bench.py and the ARC evaluations write after each measurement).
 After every stage the JSON and the log are written, and copied into --mirror (the folder that comes back from a lent
 machine). Rerunning with the same --out keeps the finished stages and resumes the SEAL runs from their run folders.
-The two SEAL runs take train.sh's CPU presets (read from train.sh itself: presets live there alone) with the
+The two SEAL runs take train.sh's CPU presets (`bash train.sh preset DOMAIN cpu`: presets live there alone) with the
 budget's overrides on top.
 """
 import importlib.util
@@ -92,15 +92,11 @@ def parse_args(argv) -> Check:
 
 
 def preset(domain: str, paper: bool = False) -> list:
-    """The arguments of train.sh's preset for `domain` (arc or knowledge), read from train.sh: the CPU preset, or
-    the paper's (what train.sh runs on a GPU)."""
-    lines = (ROOT / "train.sh").read_text().splitlines()
-    start = next(i for i, l in enumerate(lines) if l.strip().startswith(f"{domain})"))
-    branch = "if has_gpu" if paper else "else"
-    at = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(branch))
-    text = " ".join(l.split("#")[0] for l in lines[at + 1:])
-    body = text[text.index("preset=(") + len("preset=("):]
-    return shlex.split(body[:body.index(")")])
+    """The arguments of train.sh's preset for `domain` (arc or knowledge), asked of train.sh itself (`bash train.sh
+    preset DOMAIN cpu|gpu`, one argument a line): the CPU preset, or the paper's (what train.sh runs on a GPU)."""
+    out = subprocess.run(["bash", str(ROOT / "train.sh"), "preset", domain, "gpu" if paper else "cpu"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
 
 
 def seal_model_present(cfg) -> str:
