@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora
+import run_folder
 import seal
 from domains import arc as arc_domain
 from domains import arc_ttt as ttt
@@ -130,9 +131,9 @@ def test_graded_run_records_both_rewards_and_keeps_only_improvements(tiny_dir, t
 
 
 def test_a_folder_made_under_the_other_reward_is_refused(tmp_path):
-    seal.RunFolder(arc_domain.ArcConfig(out=str(tmp_path), reward="solved"))
+    run_folder.RunFolder(arc_domain.ArcConfig(out=str(tmp_path), reward="solved"))
     with pytest.raises(SystemExit, match="reward"):
-        seal.RunFolder(arc_domain.ArcConfig(out=str(tmp_path), reward="graded"))
+        run_folder.RunFolder(arc_domain.ArcConfig(out=str(tmp_path), reward="graded"))
     with pytest.raises(SystemExit, match="reward"):
         arc_domain.Arc(arc_domain.ArcConfig(reward="pass@1"), None)
 
