@@ -40,6 +40,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.cast = None  # (dtype, A, B): the factors cast for decoding, kept while they do not change (factors())
+        for p in (self.lora_A, self.lora_B):  # any optimizer's step comes after a gradient: drop the casts then
+            p.register_post_accumulate_grad_hook(self.changed)
 
     def forward(self, x):
         y = self.base(x)
@@ -51,10 +54,28 @@ class LoRALinear(nn.Module):
         # "The inner loop at the presets' shapes"). The gradients reach the fp32 masters through the casts.
         # On fp32 runs the casts are no-ops.
         dt = y.dtype
-        z = F.linear(self.dropout(x.to(dt)), self.lora_A.to(dt))
+        A, B = self.factors(dt)
+        z = F.linear(self.dropout(x.to(dt)), A)
         # One GEMM computes y + scale * z @ B^T, rounded once: no separate passes to scale and add over the (T, out)
         # output (with r=128 on 5 targets those passes were ~5% of a CPU step).
-        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.to(dt).t(), alpha=self.scale).view_as(y)
+        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), B.t(), alpha=self.scale).view_as(y)
+
+    def factors(self, dt):
+        """lora_A and lora_B in dtype dt. Training (grad on) casts afresh, the gradients flowing through the casts.
+        Decoding casts once and keeps the casts while the factors stay as they are: every decoding step cast all the
+        fp32 factors anew (~0.6 GB a step for the 1B model's r128 adapter). They are dropped when a gradient reaches
+        either factor (before any optimizer can step) and by changed() (Adapter.reset and load_state_dict), and not
+        kept while a gradient is pending (between a backward and its step)."""
+        A, B = self.lora_A, self.lora_B
+        if dt == A.dtype or torch.is_grad_enabled() or A.grad is not None or B.grad is not None:
+            return A.to(dt), B.to(dt)
+        if self.cast is None or self.cast[0] != dt:
+            self.cast = (dt, A.detach().to(dt), B.detach().to(dt))
+        return self.cast[1:]
+
+    def changed(self, *_):
+        """The factors were (or are about to be) written: the next decoding step casts them again."""
+        self.cast = None
 
     @torch.no_grad()
     def merge(self):
@@ -99,6 +120,7 @@ class Adapter:
             mod.lora_A.copy_(a)
             mod.lora_B.zero_()
             mod.lora_A.grad = mod.lora_B.grad = None
+            mod.changed()
 
     def state_dict(self) -> dict:
         """A plain dict of fp32 tensors (copies) under PEFT's saved key names."""
@@ -123,6 +145,8 @@ class Adapter:
             if tuple(sd[k].shape) != tuple(p.shape):
                 raise ValueError(f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
             p.copy_(sd[k])
+        for mod in self.modules.values():
+            mod.changed()
 
     def merge(self):
         """Merge every adapter into its base weight and put the plain nn.Linear back (checkpoint.save then works)."""

@@ -388,3 +388,32 @@ def test_merged_model_loads_in_transformers(tmp_path):
     checkpoint.save(m, tmp_path)
     with torch.no_grad():
         assert (hf_model(tmp_path)(idx).logits - unmerged).abs().max() < 1e-4
+
+
+def test_bf16_factor_casts_are_kept_for_decoding_and_dropped_by_a_step():
+    """Without grad, a bf16 layer casts its fp32 factors once and keeps the casts; an optimizer's step (any
+    optimizer: torch's SGD here) and Adapter.reset drop them, so the next output uses the new factors."""
+    torch.manual_seed(0)
+    m = random_model(LLAMA).to(torch.bfloat16)
+    adapter = lora.inject(m, r=4, alpha=8, targets=("q_proj",))
+    randomize_B(adapter)
+    layer = adapter.modules["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    fresh = lambda: layer.base(x) + layer.scale * (x @ layer.lora_A.to(x.dtype).T) @ layer.lora_B.to(x.dtype).T
+    with torch.no_grad():
+        y0 = layer(x)
+        A, B = layer.factors(torch.bfloat16)
+        assert layer.factors(torch.bfloat16)[0] is A and layer(x).equal(y0)  # cast once, then kept
+        torch.testing.assert_close(y0, fresh(), rtol=2e-2, atol=2e-2)
+    opt = torch.optim.SGD(adapter.params(), lr=1.0)
+    m(torch.tensor([[1, 2, 3]])).float().sum().backward()
+    with torch.no_grad():  # a gradient is pending: no cast is kept until the step is done
+        assert layer(x).equal(y0) and layer.cast is None
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        y1 = layer(x)
+        assert layer.factors(torch.bfloat16)[0] is not A and not y1.equal(y0)
+        torch.testing.assert_close(y1, fresh(), rtol=2e-2, atol=2e-2)
+        adapter.reset()  # B = 0: the base layer again
+        assert layer(x).equal(layer.base(x))
