@@ -41,8 +41,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.cast = None  # (dtype, A, B): the factors cast for decoding, kept while they do not change (factors())
-        for p in (self.lora_A, self.lora_B):  # any optimizer's step comes after a gradient: drop the casts then
-            p.register_post_accumulate_grad_hook(self.changed)
+        self.hooked = None  # ids of the factors whose gradients drop the casts (a copy's factors are new tensors)
 
     def forward(self, x):
         y = self.base(x)
@@ -67,6 +66,10 @@ class LoRALinear(nn.Module):
         either factor (before any optimizer can step) and by changed() (Adapter.reset and load_state_dict), and not
         kept while a gradient is pending (between a backward and its step)."""
         A, B = self.lora_A, self.lora_B
+        if self.hooked != (id(A), id(B)):  # any optimizer's step comes after a gradient: drop the casts then
+            for p in (A, B):
+                p.register_post_accumulate_grad_hook(self.changed)
+            self.hooked, self.cast = (id(A), id(B)), None
         if dt == A.dtype or torch.is_grad_enabled() or A.grad is not None or B.grad is not None:
             return A.to(dt), B.to(dt)
         if self.cast is None or self.cast[0] != dt:

@@ -474,21 +474,21 @@ class Transformer(nn.Module):
     keep_buffers = None
     PREFIX_BUCKET = 64  # with kept buffers, a prompt cache's length rounds up to this: a few shapes, not one per length
 
-    def buffers(self):
+    def cache_buffers(self):
         """The model's Buffers when kept (keep_buffers), else None."""
         keep = self.lm_head.weight.is_cuda if self.keep_buffers is None else self.keep_buffers
         if not keep:
             return None
-        if "_buffers_kept" not in self.__dict__:
-            self.__dict__["_buffers_kept"] = Buffers()  # not a module buffer: state_dict and .to() never see it
-        return self.__dict__["_buffers_kept"]
+        if getattr(self, "_kept", None) is None:
+            self._kept = Buffers()  # a plain attribute, not a module buffer: state_dict and .to() never see it
+        return self._kept
 
     def new_cache(self, batch: int, max_len: int, reuse: bool = False) -> KVCache:
         """A prefill cache; reuse=True (generate's, read by a DecodeCache) takes it from the kept buffers if any."""
-        p, buffers = self.lm_head.weight, self.buffers() if reuse else None
+        p, buffers = self.lm_head.weight, self.cache_buffers() if reuse else None
         if buffers is not None:
             max_len = -(-max_len // self.PREFIX_BUCKET) * self.PREFIX_BUCKET
         return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype, buffers=buffers)
 
     def decode_cache(self, prefix: KVCache, n: int, max_new: int, next_pos: torch.Tensor) -> DecodeCache:
-        return DecodeCache(prefix, n, max_new, next_pos, buffers=self.buffers())
+        return DecodeCache(prefix, n, max_new, next_pos, buffers=self.cache_buffers())

@@ -176,15 +176,16 @@ def test_two_generate_calls_reuse_one_decode_cache(m):
     import copy
     kept = copy.deepcopy(m)
     kept.keep_buffers = True
-    assert m.buffers() is None  # a CPU model allocates per call by default
+    assert m.cache_buffers() is None  # a CPU model allocates per call by default
     first, second = [[5, 17, 3, 60, 2, 9, 11, 40], [4, 8]], [[1, 2, 3], [7, 7, 7, 7, 7]]
     a = sampling.generate_ids(kept, StubTok(), first, 10, temperature=1.0, n=3, seed=1, compact=False)
-    bufs = dict(kept.buffers().buffers)
+    bufs = dict(kept.cache_buffers().buffers)
     assert {"prefix_k", "prefix_v", "k0", "v1", "slot", "pos"} <= set(bufs)
     ptrs = {k: t.data_ptr() for k, t in bufs.items()}
     b = sampling.generate_ids(kept, StubTok(), second, 10, temperature=1.0, n=3, seed=2, compact=False)
-    assert kept.buffers().buffers.keys() == bufs.keys() and all(kept.buffers().buffers[k] is t for k, t in bufs.items())
-    assert {k: t.data_ptr() for k, t in kept.buffers().buffers.items()} == ptrs
+    now = kept.cache_buffers().buffers
+    assert now.keys() == bufs.keys() and all(now[k] is t for k, t in bufs.items())
+    assert {k: t.data_ptr() for k, t in now.items()} == ptrs
     assert a == sampling.generate_ids(m, StubTok(), first, 10, temperature=1.0, n=3, seed=1, compact=False)
     assert b == sampling.generate_ids(m, StubTok(), second, 10, temperature=1.0, n=3, seed=2, compact=False)
-    assert kept.buffers().buffers["prefix_k"].shape[3] == kept.PREFIX_BUCKET  # 8 and 5 tokens: one bucket
+    assert kept.cache_buffers().buffers["prefix_k"].shape[3] == kept.PREFIX_BUCKET  # 8 and 5 tokens: one bucket

@@ -417,3 +417,10 @@ def test_bf16_factor_casts_are_kept_for_decoding_and_dropped_by_a_step():
         torch.testing.assert_close(y1, fresh(), rtol=2e-2, atol=2e-2)
         adapter.reset()  # B = 0: the base layer again
         assert layer(x).equal(layer.base(x))
+    import copy
+    twin = copy.deepcopy(layer)  # a copy's factors are new tensors: their gradients drop the copy's casts too
+    with torch.no_grad():
+        twin(x)
+    assert twin.cast is not None
+    twin(x).float().sum().backward()
+    assert twin.cast is None
