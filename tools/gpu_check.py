@@ -392,10 +392,14 @@ def summary(stages: dict, device: str) -> dict:
                     "answers_tok_s": an.get("ours_tok_s"), "answers_speedup": an.get("speedup"),
                     "answers_bandwidth_share": an.get("bandwidth_share_ours"), "answers_same_rows": an.get("same_rows"),
                     "inner_loop_baseline": il.get("baseline_precision")}
+        errors = {k: v["reference_errors"] for k, v in (("build", r), ("inner_loop", il), ("sampling", sa),
+                                                         ("answers", an)) if "reference_errors" in v}
+        if errors:  # a reference that failed: ours stand alone, and why is here
+            out[key]["reference_errors"] = errors
         if r.get("model", "").startswith("random:") and r.get("dtype") == "torch.bfloat16":
             # random weights make near-ties in every argmax, which bf16 rounding flips on either side: a count of
             # rows, not a correctness check (agreement's verdict on SmolLM2 is that check)
-            out[key]["answers_same_rows_no_verdict"] = out[key].pop("answers_same_rows")
+            out[key]["answers_same_rows"], out[key]["answers_same_rows_no_verdict"] = None, an.get("same_rows")
     arc = {name: arc_figures(r) for name in ARC_EVALS
            if "cold" in (r := stages.get(name, {}).get("result") or {})}
     if arc:
