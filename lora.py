@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import settings
+
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the hub model)
 
 
@@ -38,21 +40,40 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.cast = None  # (dtype, A, B): the factors cast for decoding, kept while they do not change (factors())
+        self.hooked = None  # ids of the factors whose gradients drop the casts (a copy's factors are new tensors)
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:
             return y
-        # The branch runs in the base weights' dtype from the fp32 masters, as mixed-precision training does: on
-        # bf16 runs its products run at bf16's rate (on a GPU's tensor cores, with AVX-512 BF16 on a CPU) instead
-        # of fp32's, and the layer input is used as it is, with no fp32 copy of it per target (docs/speed.md,
-        # "The inner loop at the presets' shapes"). The gradients reach the fp32 masters through the casts.
-        # On fp32 runs the casts are no-ops.
+        # The branch runs in the base weights' dtype from the fp32 masters, as mixed-precision training does: bf16's
+        # rate for its products and no fp32 copy of the input per target (docs/speed.md, "The inner loop at the
+        # presets' shapes"); the gradients reach the fp32 masters through the casts. On fp32 runs they are no-ops.
         dt = y.dtype
-        z = F.linear(self.dropout(x.to(dt)), self.lora_A.to(dt))
-        # One GEMM computes y + scale * z @ B^T, rounded once: no separate passes to scale and add over the (T, out)
-        # output (with r=128 on 5 targets those passes were ~5% of a CPU step).
-        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.to(dt).t(), alpha=self.scale).view_as(y)
+        A, B = self.factors(dt)
+        z = F.linear(self.dropout(x.to(dt)), A)
+        # One GEMM for y + scale * z @ B^T: no separate passes over the (T, out) output (~5% of a CPU step at r=128)
+        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), B.t(), alpha=self.scale).view_as(y)
+
+    def factors(self, dt):
+        """lora_A and lora_B in dtype dt. Training casts afresh; decoding casts once and keeps the casts (anew: ~0.6 GB
+        a step at 1B, r128), dropped when a gradient reaches a factor (before any step), by changed(), and not kept
+        while a gradient is pending."""
+        A, B = self.lora_A, self.lora_B
+        if self.hooked != (id(A), id(B)):  # any optimizer's step comes after a gradient: drop the casts then
+            for p in (A, B):
+                p.register_post_accumulate_grad_hook(self.changed)
+            self.hooked, self.cast = (id(A), id(B)), None
+        if dt == A.dtype or torch.is_grad_enabled() or A.grad is not None or B.grad is not None:
+            return A.to(dt), B.to(dt)
+        if self.cast is None or self.cast[0] != dt:
+            self.cast = (dt, A.detach().to(dt), B.detach().to(dt))
+        return self.cast[1:]
+
+    def changed(self, *_):
+        """The factors were (or are about to be) written: the next decoding step casts them again."""
+        self.cast = None
 
     @torch.no_grad()
     def merge(self):
@@ -97,6 +118,7 @@ class Adapter:
             mod.lora_A.copy_(a)
             mod.lora_B.zero_()
             mod.lora_A.grad = mod.lora_B.grad = None
+            mod.changed()
 
     def state_dict(self) -> dict:
         """A plain dict of fp32 tensors (copies) under PEFT's saved key names."""
@@ -121,6 +143,8 @@ class Adapter:
             if tuple(sd[k].shape) != tuple(p.shape):
                 raise ValueError(f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(p.shape)}")
             p.copy_(sd[k])
+        for mod in self.modules.values():
+            mod.changed()
 
     def merge(self):
         """Merge every adapter into its base weight and put the plain nn.Linear back (checkpoint.save then works)."""
@@ -163,11 +187,9 @@ def inject(model, r: int, alpha: float, targets=("q_proj", "v_proj"), dropout=0.
 # Optimizer, clipping, schedules: the HF Trainer's defaults written out (docs/official.md §1.5: adamw_torch, clip 1.0)
 
 class AdamW:
-    """torch.optim.AdamW's update (Loshchilov & Hutter 2019, Algorithm 2: decoupled weight decay, bias correction)
-    written out in `step` in _foreach ops (one elementwise op over the whole list), fp32 state: bit for bit
-    torch.optim.AdamW(foreach=True). fused=True hands it to torch.optim.AdamW(fused=True), one pass per tensor: ~20 ms
-    less a knowledge-preset step (docs/speed.md), the last bits rounded differently (tested within 1e-6). lora.train
-    uses it: every result in docs/ was measured with it."""
+    """torch.optim.AdamW's update (Loshchilov & Hutter 2019, Algorithm 2) written out in `step` in _foreach ops, fp32
+    state: bit for bit torch.optim.AdamW(foreach=True). fused=True hands it to torch.optim.AdamW(fused=True): ~20 ms
+    less a knowledge-preset step (docs/speed.md), equal within 1e-6; lora.train uses it, as every result in docs/."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, fused=False):
         self.params = [p for p in params if p.requires_grad]
@@ -237,28 +259,6 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int = 0, kind: str = "c
 
 # -----------------------------------------------------------------------------
 # Packing and the training loop
-
-def keep_freed_memory():
-    """On Linux with glibc, keep freed memory in the process instead of handing it back to the kernel. glibc maps
-    each large block (above its mmap threshold) afresh and unmaps it on free, and trims the heap's free top: every
-    training step's (T, vocab) logits and large gradients then come back as new pages that the kernel must fault in
-    and zero. That cost ~140 ms of a ~1.1 s knowledge-preset step on this CPU (docs/speed.md). Blocks up to 32 MB
-    (glibc's ceiling for the threshold) now come from the heap, and the heap is not trimmed. Once per process."""
-    global _kept
-    if _kept:
-        return
-    _kept = True
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the largest value, never trim in practice
-    except (OSError, AttributeError):  # not glibc: nothing to set
-        pass
-
-
-_kept = False
-
 
 @dataclass
 class Packed:
@@ -361,7 +361,7 @@ def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", 
     plan = batches(len(kept), batch_size, epochs, seed)
     device = params[0].device
     if device.type == "cpu":
-        keep_freed_memory()
+        settings.keep_freed_memory()
     start = [p.detach().clone() for p in params]  # restored if the run blows up
     opt = AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     was_training = model.training

@@ -124,12 +124,32 @@ def apply_rope(x, cos, sin):
 # The CPU keeps the masked GQA call its tests and tables were measured with.
 PREFILL_FAST_ON = ("cuda",)
 
+class Buffers:
+    """Zeroed tensors that outlive a generate call: one buffer per name, grown to the largest shape asked (never
+    shrunk), and each request a view of its leading corner. A CUDA graph replays fixed addresses: with the caches in
+    these buffers, a compiled decoding step recorded once replays in every later call of the same shapes, instead of
+    recording anew per call (after 128 re-records PyTorch silently runs it without graphs). The price is the largest
+    cache asked for, kept for the model's life."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, shape, dtype, device) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.dim() != len(shape) or \
+                any(s > b for s, b in zip(shape, buf.shape)):  # grown: every graph records once more
+            big = shape if buf is None or buf.dim() != len(shape) else tuple(map(max, shape, buf.shape))
+            buf = self.buffers[name] = torch.zeros(big, dtype=dtype, device=device)
+        return buf[tuple(slice(0, s) for s in shape)].zero_()
+
+
 class KVCache:
-    def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32, buffers=None):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # False at pad slots
+        new = (lambda name, shape, dt: torch.zeros(shape, device=device, dtype=dt)) if buffers is None else \
+            (lambda name, shape, dt: buffers.get(name, shape, dt, device))
+        self.k, self.v = new("prefix_k", shape, dtype), new("prefix_v", shape, dtype)
+        self.valid = new("prefix_valid", (batch, max_len), torch.bool)  # False at pad slots (and past len)
         self.len = 0
 
     def repeat(self, n: int) -> "KVCache":
@@ -167,26 +187,35 @@ class DecodeCache:
     Hydragen, Juravsky et al. 2024). The prompts' keys and values stay in their prefill KVCache, one row per
     prompt, and every step reads them once for all n samples instead of from n copies: for 8 self-edits of a
     500-token prompt that is 8x less cache traffic and memory. Only the new tokens' keys and values live in a
-    (B*n)-row suffix. Shapes are static for torch.compile: a step writes at the device tensor `slot` (no host
-    sync, no Python int that changes every step) and attends to the suffix up to `span`, rounded up to a
-    multiple of SPAN_BUCKET, so a compiled step sees a handful of shapes, not one per token."""
+    (B*n)-row suffix, one tensor per layer (a step writes each in place; a step's write into one tensor of all
+    layers may copy the whole of it). Shapes are static for torch.compile: a step writes at the device tensor
+    `slot` (no host sync, no Python int that changes every step) and attends to the suffix up to `span`, rounded
+    up to a multiple of SPAN_BUCKET, so a compiled step sees a handful of shapes, not one per token. The prompt
+    part is read over the prefill cache's whole length, its slots past the prompts masked. `buffers` (a model's
+    Buffers): the tensors are views of buffers kept across calls, at the same addresses (CUDA graphs)."""
     SPAN_BUCKET = 64
 
-    def __init__(self, prefix: KVCache, n: int, max_new: int, next_pos: torch.Tensor):
-        n_layers, B, n_kv, _, hd = prefix.k.shape
+    def __init__(self, prefix: KVCache, n: int, max_new: int, next_pos: torch.Tensor, buffers=None):
+        n_layers, B, n_kv, P, hd = prefix.k.shape
+        dev, dt = prefix.k.device, prefix.k.dtype
+        new = (lambda name, shape, t: torch.zeros(shape, device=dev, dtype=t)) if buffers is None else \
+            (lambda name, shape, t: buffers.get(name, shape, t, dev))
         self.prefix, self.n, self.t = prefix, n, 0
-        self.k = prefix.k.new_zeros(n_layers, B * n, n_kv, max(max_new, 1), hd)
-        self.v = torch.zeros_like(self.k)
-        self.prefix_keep = prefix.valid[:, :prefix.len].repeat_interleave(n, 0)  # (B*n, P): False at left pads
-        self.slot = torch.zeros(1, dtype=torch.long, device=prefix.k.device)
-        self.pos = next_pos.clone()  # (B*n, 1) rotary position of the token fed next, moved on in place
-        if self.k.is_cuda:  # CUDA graphs (compile_hot_paths) replay fixed addresses: these tensors never move
-            for t in (self.k, self.v, self.slot, self.pos, self.prefix_keep, prefix.k, prefix.v):
+        shape = (B * n, n_kv, max(max_new, 1), hd)
+        self.k = [new(f"k{i}", shape, dt) for i in range(n_layers)]
+        self.v = [new(f"v{i}", shape, dt) for i in range(n_layers)]
+        self.prefix_keep = new("prefix_keep", (B * n, P), torch.bool)
+        self.prefix_keep.copy_(prefix.valid.repeat_interleave(n, 0))  # False at left pads and past the prompts
+        self.slot = new("slot", (1,), torch.long)
+        self.pos = new("pos", (B * n, 1), torch.long)
+        self.pos.copy_(next_pos)  # rotary position of the token fed next, moved on in place
+        if dev.type == "cuda":  # CUDA graphs (compile_hot_paths) replay fixed addresses: these tensors never move
+            for t in (*self.k, *self.v, self.slot, self.pos, self.prefix_keep, prefix.k, prefix.v):
                 torch._dynamo.mark_static_address(t)
 
     def span(self) -> int:
         b = self.SPAN_BUCKET
-        return min(self.k.shape[3], (self.t // b + 1) * b)
+        return min(self.k[0].shape[2], (self.t // b + 1) * b)
 
     def advance(self):
         self.t += 1
@@ -197,7 +226,7 @@ class DecodeCache:
         """Keep only `rows` (B'*n indices into the current rows, each prompt's n' rows adjacent) of the prompts
         `prompts` (B' indices into the current prompts): decoding drops finished samples (sampling.generate_ids).
         New shapes, so not for a compiled or CUDA-graph step."""
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.k, self.v = [t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v]
         self.pos, self.prefix_keep, self.n = self.pos[rows], self.prefix_keep[rows], n
         self.prefix = self.prefix.select(prompts)
 
@@ -211,10 +240,10 @@ class DecodeCache:
         Bn, H, _, hd = q.shape
         B, n, KV, P = Bn // self.n, self.n, k.shape[1], self.prefix_keep.shape[1]
         G, span = H // KV, keep.shape[-1] - P
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
-        kp, vp = self.prefix.k[layer, :, :, :P], self.prefix.v[layer, :, :, :P]  # (B, KV, P, hd)
-        ks, vs = self.k[layer, :, :, :span], self.v[layer, :, :, :span]       # (B*n, KV, span, hd)
+        self.k[layer][:, :, self.slot] = k  # in place, at the device index (gpt-fast's form of the write)
+        self.v[layer][:, :, self.slot] = v
+        kp, vp = self.prefix.k[layer], self.prefix.v[layer]                      # (B, KV, P, hd)
+        ks, vs = self.k[layer][:, :, :span], self.v[layer][:, :, :span]         # (B*n, KV, span, hd)
         q = q * hd ** -0.5
         # the n samples' queries of a prompt, stacked as one longer query against its keys: (B, KV, n*G, hd)
         q_shared = q.view(B, n, KV, G, hd).transpose(1, 2).reshape(B, KV, n * G, hd)
@@ -430,8 +459,9 @@ class Transformer(nn.Module):
         (dynamic=True: every batch packs to another length). The first calls of each shape pay the compile
         time; a changed module tree (an adapter injected or removed) recompiles. Everything else stays eager.
         On a GPU the decoding step also replays as a CUDA graph: a 1B model's step is a few hundred small kernels,
-        bound by their launches; DecodeCache keeps its tensors at fixed addresses for it, and the span buckets
-        bound the graphs (a new prompt length or cache records anew)."""
+        bound by their launches. generate's caches live in buffers the model keeps (Buffers): a graph recorded in
+        one call replays in the next call of the same shapes, and the span and prompt-length buckets bound the
+        shapes (a new bucket, batch or sample count records once more)."""
         # each span bucket, adapter on or off, and number of packed documents is its own graph: allow more than 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         graphs = self.lm_head.weight.is_cuda
@@ -439,6 +469,26 @@ class Transformer(nn.Module):
         self.packed_logits = torch.compile(self.packed_logits, dynamic=True)
         return self
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
+    # Keep generate's caches in Buffers across calls (DecodeCache): None is on CUDA (CUDA graphs need it), off
+    # elsewhere (on a CPU it would only hold the largest cache's memory). A model's own attribute overrides it.
+    keep_buffers = None
+    PREFIX_BUCKET = 64  # with kept buffers, a prompt cache's length rounds up to this: a few shapes, not one per length
+
+    def cache_buffers(self):
+        """The model's Buffers when kept (keep_buffers), else None."""
+        keep = self.lm_head.weight.is_cuda if self.keep_buffers is None else self.keep_buffers
+        if not keep:
+            return None
+        if getattr(self, "_kept", None) is None:
+            self._kept = Buffers()  # a plain attribute, not a module buffer: state_dict and .to() never see it
+        return self._kept
+
+    def new_cache(self, batch: int, max_len: int, reuse: bool = False) -> KVCache:
+        """A prefill cache; reuse=True (generate's, read by a DecodeCache) takes it from the kept buffers if any."""
+        p, buffers = self.lm_head.weight, self.cache_buffers() if reuse else None
+        if buffers is not None:
+            max_len = -(-max_len // self.PREFIX_BUCKET) * self.PREFIX_BUCKET
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype, buffers=buffers)
+
+    def decode_cache(self, prefix: KVCache, n: int, max_new: int, next_pos: torch.Tensor) -> DecodeCache:
+        return DecodeCache(prefix, n, max_new, next_pos, buffers=self.cache_buffers())

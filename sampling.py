@@ -74,10 +74,10 @@ def generate_ids(m, tok, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0
         valid[i, L - len(p):] = True
     x, valid = x.to(dev), valid.to(dev)
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    prompt_cache = m.new_cache(B, L)
+    prompt_cache = m.new_cache(B, L, reuse=True)  # on a GPU, from buffers kept across calls (model.Buffers)
     h = m.hidden(x, input_pos=pos, cache=prompt_cache, valid=valid)[:, -1]
     logits = m.lm_head(h).float().repeat_interleave(n, 0)  # one prefill; the n samples share its cache
-    cache = model_lib.DecodeCache(prompt_cache, n, max_new_tokens - 1, pos[:, -1:].repeat_interleave(n, 0) + 1)
+    cache = m.decode_cache(prompt_cache, n, max_new_tokens - 1, pos[:, -1:].repeat_interleave(n, 0) + 1)
     uniforms = None
     if temperature > 0:  # every row's uniforms for every step, drawn ahead on the host: one transfer
         uniforms = torch.cat([torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(s))

@@ -6,6 +6,7 @@ such overrides live in train.sh.
 """
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import os
@@ -131,3 +132,20 @@ def device_and_dtype(cfg):
     dtype = getattr(cfg, "dtype", "auto")
     check_choice("dtype", dtype, dtypes)
     return device, dtypes[dtype]
+
+
+@functools.cache
+def keep_freed_memory():
+    """On Linux with glibc, keep freed memory in the process instead of handing it back to the kernel. glibc maps
+    each large block (above its mmap threshold) afresh and unmaps it on free, and trims the heap's free top: every
+    training step's (T, vocab) logits and large gradients then come back as new pages that the kernel must fault in
+    and zero. That cost ~140 ms of a ~1.1 s knowledge-preset step on this CPU (docs/speed.md). Blocks up to 32 MB
+    (glibc's ceiling for the threshold) now come from the heap, and the heap is not trimmed. Once per process
+    (lora.train calls it)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the largest value, never trim in practice
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        pass

@@ -115,3 +115,46 @@ def test_each_measurement_is_on_disk_as_soon_as_it_is_measured(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_references_that_raise_leave_our_figures(monkeypatch, tmp_path):
+    """transformers and PEFT meet versions and configs this code has not seen: a baseline that raises, or a
+    reference generate that rejects its settings, costs only their own figures. Ours are measured and saved, and
+    why the reference failed is kept beside them."""
+    import peft
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("refused by this version")
+    monkeypatch.setattr(peft, "get_peft_model", refuse)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate", refuse)
+    out = tmp_path / "b.json"
+    bench.main(bench.parse_args(["--model=random:tiny", "--only=sampling,answers,inner_loop", "--examples=2",
+                                 "--prompt_min=20", "--prompt_max=40", "--completion_max=10", "--samples=2",
+                                 "--sample_tokens=4", "--answer_tokens=3", f"--out={out}"]))
+    saved = json.loads(out.read_text())
+    for key in ("inner_loop", "sampling", "answers"):
+        r = saved[key]
+        assert r["ours_tok_s"] > 0 and "speedup" not in r and "theirs_tok_s" not in r, key
+        assert "refused by this version" in str(r["reference_errors"]), key
+    assert saved["inner_loop"]["steps"] == 1 and saved["inner_loop"]["flop_s_ours"] > 0
+    # a reference that cannot even be built: every figure of ours still comes back
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "__init__", refuse)
+    res = bench.main(bench.parse_args(["--model=random:tiny", "--only=answers,inner_loop", "--examples=2",
+                                       "--prompt_min=20", "--prompt_max=40", "--completion_max=10",
+                                       "--answer_tokens=3", "--out="]))
+    assert res["inner_loop"]["ours_tok_s"] > 0 and res["answers"]["ours_tok_s"] > 0
+    assert "refused" in res["reference_errors"]["build"]
+
+
+def test_an_evaluation_that_stops_early_is_timed_without_its_phases(tiny_chat_dir):
+    """An ARC evaluation that stops before training (here an unreadable self-edit) has no training or answering
+    seconds: they come back as None beside the reason, not as a KeyError that loses the stage."""
+    import seal
+    from domains import arc
+    acfg = arc.ArcConfig(model=str(tiny_chat_dir), split="tiny", fmt="compact", device="cpu")
+    learner = seal.Learner(acfg, acfg.model)
+    dom = arc.Arc(acfg, learner.tok)
+    res = bench.timed_arc_eval(learner, dom, dom.eval_items[0], "not a self-edit", "tiny")
+    assert res["train_seconds"] is None and res["answer_seconds"] is None and res["reward"] == 0
+    assert res["reason"] and res["seconds"] > 0

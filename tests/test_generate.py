@@ -166,3 +166,26 @@ def test_dropping_finished_samples_gives_the_same_tokens(m, monkeypatch):
             assert len(shapes) >= 2 and shapes[-1][0] < 20
             assert any(p < 5 for _, p, _ in shapes) and any(w < 4 for _, _, w in shapes)
             assert len({len(s) for s in whole}) > 3  # the samples really ended at different steps
+
+
+def test_two_generate_calls_reuse_one_decode_cache(m):
+    """With kept buffers (the default on CUDA, where a compiled step's CUDA graph replays fixed addresses),
+    generate's prompt and decoding caches are views of buffers the model keeps: a second call reuses the same
+    tensors at the same addresses, decodes what a model that allocates per call decodes, and a shorter prompt
+    after a longer one does not read the longer one's stale keys."""
+    import copy
+    kept = copy.deepcopy(m)
+    kept.keep_buffers = True
+    assert m.cache_buffers() is None  # a CPU model allocates per call by default
+    first, second = [[5, 17, 3, 60, 2, 9, 11, 40], [4, 8]], [[1, 2, 3], [7, 7, 7, 7, 7]]
+    a = sampling.generate_ids(kept, StubTok(), first, 10, temperature=1.0, n=3, seed=1, compact=False)
+    bufs = dict(kept.cache_buffers().buffers)
+    assert {"prefix_k", "prefix_v", "k0", "v1", "slot", "pos"} <= set(bufs)
+    ptrs = {k: t.data_ptr() for k, t in bufs.items()}
+    b = sampling.generate_ids(kept, StubTok(), second, 10, temperature=1.0, n=3, seed=2, compact=False)
+    now = kept.cache_buffers().buffers
+    assert now.keys() == bufs.keys() and all(now[k] is t for k, t in bufs.items())
+    assert {k: t.data_ptr() for k, t in now.items()} == ptrs
+    assert a == sampling.generate_ids(m, StubTok(), first, 10, temperature=1.0, n=3, seed=1, compact=False)
+    assert b == sampling.generate_ids(m, StubTok(), second, 10, temperature=1.0, n=3, seed=2, compact=False)
+    assert kept.cache_buffers().buffers["prefix_k"].shape[3] == kept.PREFIX_BUCKET  # 8 and 5 tokens: one bucket

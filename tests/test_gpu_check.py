@@ -129,3 +129,93 @@ def test_a_compiled_stage_cut_off_keeps_the_eager_result(tiny_chat_dir, tmp_path
     assert st["arc_eval"]["result"]["warm"]["steps"] > 0
     assert st["arc_eval_compiled"]["status"] == "timed_out" and st["arc_eval_compiled"]["limit_s"] == 4
     assert "==== arc_eval_compiled" in (mirror / "gpu-check.log").read_text()
+
+
+def test_the_plan_adds_up(capsys):
+    """`train.sh gpu-check --plan`: each lent call's stages, their caps and the call's timeout; start-up, the calls
+    and the gap between them fit the loan's device time, and each call fits one command's 600 s. A cap raised
+    past the loan is refused before anything runs."""
+    cfg = gpu_check.parse_args(["--plan"])
+    p = gpu_check.main(cfg)
+    calls = p["calls"]
+    assert p["fits"] and p["total_s"] <= cfg.device_s
+    assert sum(calls[c]["timeout_s"] for c in gpu_check.LENT) + cfg.startup_s + cfg.gap_s <= cfg.device_s
+    for name, c in calls.items():
+        assert list(c["stages"]) == list(gpu_check.CALLS[name])
+        assert c["budget"] == sum(gpu_check.CAPS[s] for s in c["stages"])
+    assert all(calls[c]["timeout_s"] <= 600 for c in gpu_check.LENT)
+    assert sorted(s for c in gpu_check.CALLS.values() for s in c) == sorted(gpu_check.STAGES)  # each stage once
+    printed = capsys.readouterr().out
+    assert all(s in printed for s in gpu_check.STAGES) and "fits" in printed and "DOES NOT FIT" not in printed
+    with pytest.raises(SystemExit):
+        gpu_check.main(gpu_check.parse_args(["--plan", "--caps=bench:400"]))
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    shell = subprocess.run(["bash", "train.sh", "gpu-check", "--plan"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "SEAL_VENV": sys.prefix}, timeout=300)
+    assert shell.returncode == 0 and shell.stdout.strip().endswith("fits"), shell.stderr
+
+
+def test_a_stage_killed_mid_way_leaves_what_it_measured(tmp_path):
+    """The whole command killed while bench runs (a call that reaches its limit): the mirror already holds the
+    inner loop that bench measured before its long sampling race, marked as running."""
+    out, mirror = tmp_path / "check", tmp_path / "returned"
+    args = tiny_args(out, tmp_path / "absent", "--stages=bench", "--samples=8", "--sample_tokens=4000",
+                     f"--mirror={mirror}")
+    proc = subprocess.Popen([sys.executable, "tools/gpu_check.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    bench = lambda: json.loads((mirror / "gpu-check.json").read_text())["stages"].get("bench", {}) if (
+        mirror / "gpu-check.json").exists() else {}
+    try:
+        t0 = time.monotonic()
+        while "inner_loop" not in bench().get("result", {}) and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
+        assert proc.poll() is None  # still sampling
+    finally:
+        proc.kill()
+        proc.wait()
+    st = bench()
+    assert st["status"] == "running" and st["result"]["inner_loop"]["ours_tok_s"] > 0
+    assert "sampling" not in st["result"] and 0 < st["limit_s"] <= gpu_check.CAPS["bench"]
+    assert "==== bench" in (mirror / "gpu-check.log").read_text()
+
+
+def test_goals_need_the_compiled_figure():
+    """A goal read from eager figures alone says nothing of the compiled path it is set for: None until the
+    compiled stage brings its figure, then the better of the two. Greedy rows of random bf16 weights are counted,
+    with no verdict."""
+    def bench_stage(mfu, share):
+        return {"status": "done", "result": {"model": "random:llama-3.2-1b", "dtype": "torch.bfloat16",
+                                             "inner_loop": {"mfu_ours": mfu}, "answers": {"same_rows": 31},
+                                             "sampling": {"bandwidth_share_ours": share}}}
+    run = lambda s: {"task": "t", "examples": 3, "steps": 9, "train_tokens": 99, "seconds": s, "train_seconds": 1,
+                     "answer_seconds": 1}
+    arc = lambda s: {"status": "done", "result": {"config": "tiny", "cold": run(2 * s), "warm": run(s)}}
+    eager = {"bench": bench_stage(0.45, 0.6), "arc_eval": arc(4.0)}
+    s = gpu_check.summary(eager, "cuda")
+    assert s["goals"] == {"inner_loop_mfu_ge_0.40": None, "decode_bandwidth_share_ge_0.50": None,
+                          "arc_eval_under_5_s": None}
+    assert s["eager"]["answers_same_rows"] is None and s["eager"]["answers_same_rows_no_verdict"] == 31
+    both = {**eager, "bench_compiled": bench_stage(0.35, 0.4), "arc_eval_compiled": arc(6.0)}
+    assert gpu_check.summary(both, "cuda")["goals"] == {"inner_loop_mfu_ge_0.40": True,
+                                                        "decode_bandwidth_share_ge_0.50": True,
+                                                        "arc_eval_under_5_s": True}
+    cut = {**both, "bench_compiled": {"status": "timed_out", "result": {"inner_loop": {"mfu_ours": 0.35}}}}
+    goals = gpu_check.summary(cut, "cuda")["goals"]  # cut off before sampling: that goal waits for its figure
+    assert goals["inner_loop_mfu_ge_0.40"] is True and goals["decode_bandwidth_share_ge_0.50"] is None
+
+
+def test_no_cuda_stops_before_the_stages_and_a_half_written_folder_is_redone(tmp_path):
+    """A GPU machine whose CUDA did not start would run the 1B shape on its CPU in every stage until each cap:
+    the check stops at once, and says why in the mirror. A random-weights folder cut off mid-write is not
+    taken for a whole one."""
+    out, mirror = tmp_path / "check", tmp_path / "returned"
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_check.main(gpu_check.parse_args([f"--out={out}", f"--mirror={mirror}", "--stages=bench"]))
+    saved = json.loads((mirror / "gpu-check.json").read_text())
+    assert "no CUDA device" in saved["error"] and saved["stages"] == {}
+    folder = tmp_path / "random-tiny"
+    (tmp_path / "random-tiny.tmp").mkdir()
+    (tmp_path / "random-tiny.tmp" / "model.safetensors").write_bytes(b"cut off")  # a kill before the tokenizer
+    assert gpu_check.random_folder("tiny", folder) == folder
+    assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "tokenizer.json", "config.json"}
+    assert not (tmp_path / "random-tiny.tmp").exists()

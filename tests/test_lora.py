@@ -423,3 +423,39 @@ def test_lora_py_stays_readable():
     src = (Path(__file__).resolve().parent.parent / "lora.py").read_text()
     assert len(src.splitlines()) <= 400
     assert not [f for f in re.findall(r"torch\._\w+", src) if not f.startswith("torch._foreach_")]
+
+
+def test_bf16_factor_casts_are_kept_for_decoding_and_dropped_by_a_step():
+    """Without grad, a bf16 layer casts its fp32 factors once and keeps the casts; an optimizer's step (any
+    optimizer: torch's SGD here) and Adapter.reset drop them, so the next output uses the new factors."""
+    torch.manual_seed(0)
+    m = random_model(LLAMA).to(torch.bfloat16)
+    adapter = lora.inject(m, r=4, alpha=8, targets=("q_proj",))
+    randomize_B(adapter)
+    layer = adapter.modules["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    fresh = lambda: layer.base(x) + layer.scale * (x @ layer.lora_A.to(x.dtype).T) @ layer.lora_B.to(x.dtype).T
+    with torch.no_grad():
+        y0 = layer(x)
+        A, B = layer.factors(torch.bfloat16)
+        assert layer.factors(torch.bfloat16)[0] is A and layer(x).equal(y0)  # cast once, then kept
+        torch.testing.assert_close(y0, fresh(), rtol=2e-2, atol=2e-2)
+    opt = torch.optim.SGD(adapter.params(), lr=1.0)
+    m(torch.tensor([[1, 2, 3]])).float().sum().backward()
+    with torch.no_grad():  # a gradient is pending: no cast is kept until the step is done
+        assert layer(x).equal(y0) and layer.cast is None
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        y1 = layer(x)
+        assert layer.factors(torch.bfloat16)[0] is not A and not y1.equal(y0)
+        torch.testing.assert_close(y1, fresh(), rtol=2e-2, atol=2e-2)
+        adapter.reset()  # B = 0: the base layer again
+        assert layer(x).equal(layer.base(x))
+    import copy
+    twin = copy.deepcopy(layer)  # a copy's factors are new tensors: their gradients drop the copy's casts too
+    with torch.no_grad():
+        twin(x)
+    assert twin.cast is not None
+    twin(x).float().sum().backward()
+    assert twin.cast is None

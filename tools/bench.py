@@ -30,13 +30,17 @@ the bench also measures random weights of Llama-3.2-1B's shape (--gpu_shape; the
 against the card's bf16 peak (CARDS) and the share of the memory bandwidth reached by decoding. gpu_check.py runs
 all of it, and more, as one command (docs/gpu.md).
 
-Throughput counts REAL tokens only. Both sides decode the same number of tokens (no early stop). The two training
-loops run interleaved step by step, so a busy machine slows both alike. On CUDA both use bf16 base weights with
-fp32 adapters. The figures go to --out (runs/bench/bench.json) as one object per measurement with `speedup`.
+Throughput counts REAL tokens only. Both sides decode the same number of tokens (no early stop), each timed after
+two warm-up passes (CUDA events on a GPU). The two training loops run interleaved step by step, so a busy machine
+slows both alike. On CUDA both use bf16 base weights with fp32 adapters, the baseline under bf16 autocast as the
+official Trainer ran it. Ours are measured first-class: a reference (transformers, PEFT) that fails to build or run
+leaves ours measured, and why in `reference_errors`. The figures go to --out (runs/bench/bench.json) as one object
+per measurement, with `speedup` where the reference ran.
 """
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -138,28 +142,76 @@ def arc_like(cfg: Bench, vocab: int):
             for _ in range(cfg.examples)]
 
 
-def build_models(name, seed, device, dtype):
-    """Our Transformer and transformers' model holding identical weights (random ones for random:NAME)."""
-    import transformers
-    if not name.startswith("random:"):
-        path = checkpoint.resolve(name)
-        ours, _ = checkpoint.load(str(path), device=device, dtype=dtype)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    else:
+def random_model(shape: dict, seed, device, dtype):
+    """Our Transformer with random weights of a hub config's shape, drawn as transformers initialises a Llama
+    (normal, std 0.02; norms 1), on the device where it runs (a 1B model's fp32 init is slow on the host)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = model_lib.Transformer(model_lib.Config.from_hf(shape))
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            p.fill_(1.0) if "norm" in pname else p.normal_(0, 0.02)
+    for p in m.parameters():  # the weights only: the rotary inv_freq stays fp32, as checkpoint.load keeps it
+        p.data = p.data.to(dtype)
+    return m
+
+
+def build_ours(name, seed, device, dtype):
+    if name.startswith("random:"):
         shape = SHAPES.get(name.removeprefix("random:"))
         if shape is None:
             raise SystemExit(f"--model={name}: unknown shape (known: {', '.join('random:' + k for k in SHAPES)})")
-        torch.manual_seed(seed)
-        with torch.device(device):  # drawn where they are used: a 1B model's fp32 init is slow on the host
-            ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))  # init std 0.02
-            ours = model_lib.Transformer(model_lib.Config.from_hf(shape))
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        for m in (ref, ours):  # cast the weights only: the rotary inv_freq buffers stay fp32, as load() keeps them
-            for p in m.parameters():
-                p.data = p.data.to(device, dtype)
-            m.to(device)
+        return random_model(shape, seed, device, dtype).requires_grad_(False)
+    return checkpoint.load(str(checkpoint.resolve(name)), device=device, dtype=dtype)[0].requires_grad_(False)
+
+
+def build_reference(ours, name, device, dtype):
+    """transformers' model holding our model's weights (built after ours: a reference that fails costs only its
+    own figures)."""
+    import transformers
+    if not name.startswith("random:"):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoint.resolve(name), dtype=dtype).to(device)
+    else:
+        with torch.device(device):
+            ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[name.removeprefix("random:")]))
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        for p in ref.parameters():
+            p.data = p.data.to(device, dtype)
     ref.config.use_cache = False
-    return ours.requires_grad_(False), ref.requires_grad_(False)
+    return ref.requires_grad_(False)
+
+
+def build_models(name, seed, device, dtype):
+    """Our Transformer and transformers' model holding identical weights (random ones for random:NAME)."""
+    ours = build_ours(name, seed, device, dtype)
+    return ours, build_reference(ours, name, device, dtype)
+
+
+def guarded(result: dict, what: str, make):
+    """make(), or None when it raises: the reference stacks (transformers, PEFT) meet versions and configs this code
+    has not seen, and one that fails must not take our figures with it. Why is kept in result["reference_errors"]."""
+    try:
+        return make()
+    except Exception as e:  # any failure of the reference: recorded, printed, and ours goes on
+        traceback.print_exc()
+        result.setdefault("reference_errors", {})[what] = f"{type(e).__name__}: {e}"
+        return None
+
+
+def timed(device, fn):
+    """(seconds, fn()): on a GPU between two CUDA events (the device's own clock, after the work queued before),
+    elsewhere by the host clock."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 @dataclass
@@ -195,10 +247,14 @@ def knowledge_like(cfg: Bench, vocab: int):
 
 class Baseline:
     """transformers + PEFT, a plain loop: right-pad to the longest example, labels -100 at pads (and, for a loss on
-    the completion, in the prompt)."""
+    the completion, in the prompt). On a GPU with bf16 weights under bf16 autocast, as the official run's Trainer
+    (bf16=True) ran it: PEFT's fp32 adapter then computes in bf16 like ours, so the ratio compares like with like."""
 
     def __init__(self, ref, shape: LoopShape, total_steps):
         import peft
+        w = next(ref.parameters())
+        self.autocast = w.is_cuda and w.dtype == torch.bfloat16
+        self.precision = "bf16 autocast" if self.autocast else f"{str(w.dtype).removeprefix('torch.')}, adapter fp32"
         self.model = peft.get_peft_model(ref, peft.LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=0.0,
                                                               target_modules=list(shape.targets),
                                                               task_type="CAUSAL_LM"))
@@ -230,7 +286,8 @@ class Baseline:
             ids[i, :len(seq)], attn[i, :len(seq)] = seq, 1
             first = 0 if self.shape.loss_on == "all" else len(p)  # label 0 predicts nothing (HF shifts)
             labels[i, first:len(seq)] = seq[first:]
-        out = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -280,27 +337,32 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref, shape: LoopShape, data):
     real = sum(len(p) + len(c) for p, c in data)
 
     adapter = lora.inject(ours, shape.r, shape.alpha, shape.targets, seed=cfg.seed)
-    base = Baseline(ref, shape, len(plan))
     short = [(data[0][0][:64], data[0][1][:16])] * shape.batch_size  # warm-up step for both: allocator, kernels
     lora.train(ours, short, lr=shape.lr, batch_size=shape.batch_size, loss_on=shape.loss_on, adapter=adapter)
     adapter.reset()
-    base.step(short, device)
-    base.reset()
+    errors = {}  # a baseline that raises (guarded): our figures stand without it
+    base = wrapped = None if ref is None else guarded(errors, "baseline", lambda: Baseline(ref, shape, len(plan)))
+    if base is not None and guarded(errors, "baseline", lambda: (base.step(short, device), base.reset())) is None:
+        base = None
 
     # Our train() runs the whole plan; after each of our steps, on_step runs the baseline's step on the same batch.
     # The callback's time is subtracted from ours, so each side is timed on its own work, interleaved.
     theirs = {"seconds": 0.0, "padded": 0, "losses": []}
 
     def baseline_step(step, loss, lr):
-        sync()
-        t0 = time.perf_counter()
-        l, padded = base.step([data[i] for i in plan[step]], device)
-        sync()
-        theirs["seconds"] += time.perf_counter() - t0
-        theirs["padded"] += padded
-        theirs["losses"].append(l)
-        print(f"  step {step + 1}/{len(plan)}: {sum(len(p) + len(c) for p, c in (data[i] for i in plan[step]))} "
-              f"real tokens, loss ours {loss:.4f} theirs {l:.4f}", flush=True)
+        nonlocal base
+        batch = [data[i] for i in plan[step]]
+        if base is not None:
+            sync()
+            t0 = time.perf_counter()
+            l, padded = guarded(errors, "baseline", lambda: base.step(batch, device)) or (None, 0)
+            sync()
+            theirs["seconds"] += time.perf_counter() - t0
+            theirs["padded"] += padded
+            theirs["losses"].append(l)
+            base = base if l is not None else None
+        print(f"  step {step + 1}/{len(plan)}: {sum(len(p) + len(c) for p, c in batch)} real tokens, loss ours "
+              f"{loss:.4f}" + (f" theirs {theirs['losses'][-1]:.4f}" if base is not None else ""), flush=True)
 
     t0 = time.perf_counter()
     res = lora.train(ours, data, lr=shape.lr, batch_size=shape.batch_size, loss_on=shape.loss_on,
@@ -308,20 +370,22 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref, shape: LoopShape, data):
     sync()
     ours_s = time.perf_counter() - t0 - theirs["seconds"]
     assert res.failed is None and res.tokens == real, (res.failed, res.tokens, real)
-
     n_lora = sum(p.numel() for p in adapter.params())
     adapter.remove()
-    base.model.unload()  # the reference model without its adapter, for the other measurements
+    if wrapped is not None:  # the reference model without its adapter, for the other measurements
+        guarded(errors, "unload", wrapped.model.unload)
+    ok = base is not None  # the baseline ran every step
     result = {
-        "examples": len(data),
-        "steps": len(plan), "real_tokens": real, "padded_tokens_baseline": theirs["padded"],
-        "padding_share_baseline": 1 - real / theirs["padded"],
-        "ours_seconds": ours_s, "theirs_seconds": theirs["seconds"],
-        "ours_tok_s": real / ours_s, "theirs_tok_s": real / theirs["seconds"],
-        "speedup": theirs["seconds"] / ours_s,
-        "first_loss_ours": res.losses[0], "first_loss_theirs": theirs["losses"][0],  # B=0: both are the base model
-        "last_loss_ours": res.losses[-1], "last_loss_theirs": theirs["losses"][-1],
-        "lora_params": n_lora, "target_tokens": res.target_tokens, "dtype": str(dtype)}
+        "examples": len(data), "steps": len(plan), "real_tokens": real, "ours_seconds": ours_s,
+        "ours_tok_s": real / ours_s, "first_loss_ours": res.losses[0], "last_loss_ours": res.losses[-1],
+        "lora_params": n_lora, "target_tokens": res.target_tokens, "dtype": str(dtype),
+        "baseline_precision": wrapped.precision if wrapped is not None else None, **errors}
+    if ok:
+        result.update(padded_tokens_baseline=theirs["padded"], padding_share_baseline=1 - real / theirs["padded"],
+                      theirs_seconds=theirs["seconds"], theirs_tok_s=real / theirs["seconds"],
+                      speedup=theirs["seconds"] / ours_s,
+                      first_loss_theirs=theirs["losses"][0],  # B=0: both are the base model
+                      last_loss_theirs=theirs["losses"][-1])
     # how close to the limit: achieved matmul FLOP/s against this machine's measured matmul peak (CPU or GPU), and
     # on a listed GPU against the vendor's bf16 peak (MFU)
     fpt = flops_per_token(ours, n_lora)
@@ -329,28 +393,33 @@ def inner_loop(cfg: Bench, device, dtype, ours, ref, shape: LoopShape, data):
     # with the vocab projection at the target positions (forward and input gradient): a few % of an ARC row's
     # tokens, every token of a knowledge row
     flops = real * fpt + res.target_tokens * 4 * ours.config.dim * ours.config.vocab_size
-    result.update(flops_per_token=fpt, flop_s_ours=result["ours_tok_s"] * fpt,
-                  flop_s_theirs=result["theirs_tok_s"] * fpt, matmul_peak=ceiling,
+    result.update(flops_per_token=fpt, flop_s_ours=result["ours_tok_s"] * fpt, matmul_peak=ceiling,
                   share_of_matmul_peak_ours=result["ours_tok_s"] * fpt / ceiling["peak_flop_s"],
                   flops_with_vocab=flops, step_ms_ours=1e3 * ours_s / len(plan),
                   share_of_matmul_peak_with_vocab_ours=flops / ours_s / ceiling["peak_flop_s"])
+    if ok:
+        result["flop_s_theirs"] = result["theirs_tok_s"] * fpt
     peak, _ = card_peaks(device)
     if peak:
         result["mfu_ours"] = result["ours_tok_s"] * fpt / (peak * 1e12)
-        result["mfu_theirs"] = result["theirs_tok_s"] * fpt / (peak * 1e12)
+        if ok:
+            result["mfu_theirs"] = result["theirs_tok_s"] * fpt / (peak * 1e12)
 
-    print(f"\n{len(plan)} steps, {real} real tokens; the padded baseline computes {theirs['padded']} "
-          f"({100 * result['padding_share_baseline']:.1f}% padding)")
+    sides = (("ours (packed)", "ours"),) + ((("transformers+PEFT (pad)", "theirs"),) if ok else ())
+    print(f"\n{len(plan)} steps, {real} real tokens" + (f"; the padded baseline ({result['baseline_precision']}) "
+          f"computes {theirs['padded']} ({100 * result['padding_share_baseline']:.1f}% padding)" if ok else
+          "; no baseline (reference_errors says why)"))
     print(f"{'':24}{'seconds':>10}{'real tok/s':>12}" + (f"{'MFU':>8}" if "mfu_ours" in result else ""))
-    for who, key in (("ours (packed)", "ours"), ("transformers+PEFT (pad)", "theirs")):
+    for who, key in sides:
         mfu = f"{100 * result['mfu_' + key]:7.1f}%" if "mfu_ours" in result else ""
         print(f"{who:24}{result[key + '_seconds']:10.1f}{result[key + '_tok_s']:12.1f}{mfu}")
     print(f"achieved {result['flop_s_ours'] / 1e9:.1f} GFLOP/s (matmuls, {fpt / 1e6:.1f} MFLOP a token) against "
           f"{ceiling['peak_flop_s'] / 1e9:.1f} GFLOP/s measured for plain {dtype} products at these shapes: "
           f"{100 * result['share_of_matmul_peak_ours']:.0f}% of the machine's matmul peak "
           f"({100 * result['share_of_matmul_peak_with_vocab_ours']:.0f}% counting the vocab projection at the targets)")
-    print(f"speedup {result['speedup']:.2f}x; a step {result['step_ms_ours']:.0f} ms; first-step loss ours {res.losses[0]:.4f} vs theirs "
-          f"{theirs['losses'][0]:.4f}")
+    if ok:
+        print(f"speedup {result['speedup']:.2f}x; a step {result['step_ms_ours']:.0f} ms; first-step loss ours "
+              f"{res.losses[0]:.4f} vs theirs {theirs['losses'][0]:.4f}")
     return result
 
 
@@ -373,68 +442,65 @@ def bytes_per_step(m, prompts, n, new_tokens) -> float:
 
 def decode_race(name, device, ours, ref, prompts, n, new_tokens, temperature, pad_id):
     """Our generate_ids against transformers' generate on the same prompts (left-padded), n samples each; then
-    each side's prefill alone (one new token), so that the decoding steps can be timed apart."""
+    each side's prefill alone (one new token), so that the decoding steps can be timed apart. Each side is timed
+    after two warm-up passes (the first pays for the allocator, kernels and any compilation, the second still for
+    a compiled step's CUDA graphs), ours first: a reference that raises (ref None: not built) leaves ours."""
     import sampling
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kw = dict(do_sample=temperature > 0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-              num_return_sequences=n, pad_token_id=pad_id, use_cache=True)
+    kw = dict(do_sample=temperature > 0, num_return_sequences=n, pad_token_id=pad_id, use_cache=True)
     if temperature > 0:
         kw.update(temperature=temperature, top_p=1.0, top_k=0)
-    ref.config.use_cache = True
 
-    def timed(who, tokens):
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if who == "ours":
-                out = sampling.generate_ids(ours, NoStop(pad_id), prompts, tokens, temperature, 1.0, n, seed=0)
-                made = sum(map(len, out))
-            else:
-                out = ref.generate(input_ids=ids, attention_mask=mask,
-                                   **{**kw, "max_new_tokens": tokens, "min_new_tokens": tokens})
-                made = (out.shape[1] - width) * out.shape[0]
-                out = out[:, width:].tolist()
-        sync()
-        outs[who] = out
-        return time.perf_counter() - t0, made
+    @torch.no_grad()
+    def run(who, tokens):  # (the new tokens, how many)
+        if who == "ours":
+            out = sampling.generate_ids(ours, NoStop(pad_id), prompts, tokens, temperature, 1.0, n, seed=0)
+            return out, sum(map(len, out))
+        ref.config.use_cache = True
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+        return out[:, width:].tolist(), (out.shape[1] - width) * out.shape[0]
 
-    outs = {}  # the latest pass's tokens, by side
+    def side(who):  # seconds, tokens made, prefill seconds, step seconds, the tokens
+        for _ in range(2):
+            run(who, new_tokens)
+        s, (out, made) = timed(device, lambda: run(who, new_tokens))
+        p, _ = timed(device, lambda: run(who, 1))
+        return s, made, p, max(s - p, 1e-9) / max(new_tokens - 1, 1), out
 
-    for who in ("ours", "theirs"):  # warm-up passes: allocator, kernels, packed weights
-        timed(who, new_tokens)
-    (s_ours, t_ours), (s_theirs, t_theirs) = timed("ours", new_tokens), timed("theirs", new_tokens)
-    same = None
-    if temperature <= 0:  # greedy: the same tokens up to our first end token (theirs may not end before the count)
-        eos = ref.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        upto = lambda row: next((t for t, x in enumerate(row) if x in eos), len(row))
-        same = sum(a[:upto(a)] == b[:upto(a)] for a, b in zip(outs["ours"], outs["theirs"]))
-    (p_ours, _), (p_theirs, _) = timed("ours", 1), timed("theirs", 1)
-    steps = max(new_tokens - 1, 1)
-    step_ours, step_theirs = max(s_ours - p_ours, 1e-9) / steps, max(s_theirs - p_theirs, 1e-9) / steps
+    s_ours, t_ours, p_ours, step_ours, out_ours = side("ours")
     need = bytes_per_step(ours, prompts, n, new_tokens)
     result = {"prompts": len(prompts), "samples_per_prompt": n, "new_tokens": new_tokens,
-              "prompt_tokens": [len(p) for p in prompts][:8], "ours_seconds": s_ours, "theirs_seconds": s_theirs,
-              "ours_tok_s": t_ours / s_ours, "theirs_tok_s": t_theirs / s_theirs, "speedup": s_theirs / s_ours,
-              "prefill_seconds_ours": p_ours, "prefill_seconds_theirs": p_theirs,
-              "step_ms_ours": 1e3 * step_ours, "step_ms_theirs": 1e3 * step_theirs,
-              "bytes_per_step": need, "decode_gb_s_ours": need / step_ours / 1e9,
-              "decode_gb_s_theirs": need / step_theirs / 1e9, "same_rows": same}
+              "prompt_tokens": [len(p) for p in prompts][:8], "ours_seconds": s_ours, "ours_tok_s": t_ours / s_ours,
+              "prefill_seconds_ours": p_ours, "step_ms_ours": 1e3 * step_ours, "bytes_per_step": need,
+              "decode_gb_s_ours": need / step_ours / 1e9, "same_rows": None}
+    theirs = None if ref is None else guarded(result, name, lambda: side("theirs"))
+    if theirs is not None:
+        s_theirs, t_theirs, p_theirs, step_theirs, out_theirs = theirs
+        result.update(theirs_seconds=s_theirs, theirs_tok_s=t_theirs / s_theirs, speedup=s_theirs / s_ours,
+                      prefill_seconds_theirs=p_theirs, step_ms_theirs=1e3 * step_theirs,
+                      decode_gb_s_theirs=need / step_theirs / 1e9)
+        if temperature <= 0:  # greedy: the same tokens up to our first end token (theirs may not end before the count)
+            eos = ref.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, list) else [eos])
+            upto = lambda row: next((t for t, x in enumerate(row) if x in eos), len(row))
+            result["same_rows"] = sum(a[:upto(a)] == b[:upto(a)] for a, b in zip(out_ours, out_theirs))
     _, peak_gbs = card_peaks(device)
-    if peak_gbs:
-        result["bandwidth_share_ours"] = result["decode_gb_s_ours"] / peak_gbs
-        result["bandwidth_share_theirs"] = result["decode_gb_s_theirs"] / peak_gbs
-    agree = "" if same is None else f"; {same}/{len(outs['ours'])} greedy rows the same on both sides"
+    for who in ("ours", "theirs") if peak_gbs else ():
+        if f"decode_gb_s_{who}" in result:
+            result[f"bandwidth_share_{who}"] = result[f"decode_gb_s_{who}"] / peak_gbs
+    same = result["same_rows"]
+    vs = (f", transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x" if theirs else
+          ", no reference (reference_errors says why)")
     print(f"== {name}: {len(prompts)} prompt(s) x {n}, {new_tokens} new tokens each: ours {result['ours_tok_s']:.1f} "
-          f"tok/s, transformers {result['theirs_tok_s']:.1f} tok/s, speedup {result['speedup']:.2f}x{agree}",
+          f"tok/s{vs}" + ("" if same is None else f"; {same}/{len(out_ours)} greedy rows the same on both sides"),
           flush=True)
     share = f" ({100 * result['bandwidth_share_ours']:.0f}% of the card's bandwidth)" if peak_gbs else ""
-    print(f"   prefill ours {p_ours:.2f}s, theirs {p_theirs:.2f}s; a decoding step ours {1e3 * step_ours:.1f} ms, "
-          f"theirs {1e3 * step_theirs:.1f} ms; reading {need / 1e6:.0f} MB a step: ours "
-          f"{result['decode_gb_s_ours']:.1f} GB/s{share}, theirs {result['decode_gb_s_theirs']:.1f} GB/s", flush=True)
+    print(f"   prefill ours {p_ours:.2f}s; a decoding step ours {1e3 * step_ours:.1f} ms, reading {need / 1e6:.0f} MB "
+          f"a step: {result['decode_gb_s_ours']:.1f} GB/s{share}" + (
+              f"; transformers: prefill {p_theirs:.2f}s, a step {1e3 * step_theirs:.1f} ms, "
+              f"{result['decode_gb_s_theirs']:.1f} GB/s" if theirs else ""), flush=True)
     return result
 
 
@@ -465,18 +531,21 @@ def arc_evaluator(cfg: Bench, device, paper=False, max_examples=250):
 
 
 def timed_arc_eval(learner, dom, item, edit, config) -> dict:
+    """One evaluation's seconds by phase. One that stops early (no valid TTT data, training that failed) has no
+    training or answering phase: those are None, and `reason` says why."""
     t0 = time.perf_counter()
     rec = learner.evaluate(dom, item, edit, seed=0)
     total = time.perf_counter() - t0
-    result = {"config": config, "task": item, "examples": rec["examples"],
-              "steps": rec["train"]["steps"],
-              "train_tokens": rec["train"]["tokens"], "seconds": total,
-              "data_seconds": rec["data_seconds"], "train_seconds": rec["train"]["seconds"],
-              "answer_seconds": rec["eval_seconds"], "train_tok_s": rec["train"]["tok_s"], "reward": rec["reward"]}
-    print(f"== arc_eval ({result['config']}): {item}, {rec['examples']} TTT examples, {rec['train']['steps']} steps, "
-          f"{rec['train']['tokens']} tokens: {total:.1f}s "
-          f"(data {rec['data_seconds']:.1f}s, training {rec['train']['seconds']:.1f}s, answers "
-          f"{rec['eval_seconds']:.1f}s), reward {rec['reward']:g}", flush=True)
+    train = rec.get("train", {})
+    result = {"config": config, "task": item, "examples": rec.get("examples"), "steps": train.get("steps"),
+              "train_tokens": train.get("tokens"), "seconds": total, "data_seconds": rec.get("data_seconds"),
+              "train_seconds": train.get("seconds"), "answer_seconds": rec.get("eval_seconds"),
+              "train_tok_s": train.get("tok_s"), "reward": rec.get("reward", 0.0), "reason": rec.get("reason")}
+    phases = ", ".join(f"{k.removesuffix('_seconds')} {result[k]:.1f}s" for k in ("data_seconds", "train_seconds",
+                                                                                 "answer_seconds") if result[k] is not None)
+    print(f"== arc_eval ({config}): {item}, {result['examples']} TTT examples, {result['steps']} steps, "
+          f"{result['train_tokens']} tokens: {total:.1f}s ({phases}), reward {result['reward']:g}"
+          + (f"; stopped: {result['reason']}" if result["reason"] else ""), flush=True)
     return result
 
 
@@ -485,7 +554,8 @@ def measure(cfg: Bench, name, device, dtype, only, result: dict, save) -> dict:
     into result and saved as it is measured (a run cut off keeps what it measured: gpu_check.py's stages)."""
     if not {"sampling", "answers", "inner_loop"} & set(only):
         return result
-    ours, ref = build_models(name, cfg.seed, device, dtype)
+    ours = build_ours(name, cfg.seed, device, dtype)
+    ref = guarded(result, "build", lambda: build_reference(ours, name, device, dtype))
     if cfg.compile:
         ours.compile_hot_paths()
     if "inner_loop" in only:
@@ -511,7 +581,8 @@ def measure_cpu_presets(cfg: Bench, name, device, only, result: dict, save) -> d
     (both presets' dtype), each put into result and saved as it is measured."""
     if not {"arc_inner", "knowledge_inner", "knowledge_answers"} & set(only):
         return result
-    ours, ref = build_models(name, cfg.seed, device, torch.bfloat16)
+    ours = build_ours(name, cfg.seed, device, torch.bfloat16)
+    ref = guarded(result, "build_bf16", lambda: build_reference(ours, name, device, torch.bfloat16))
     if cfg.compile:
         ours.compile_hot_paths()
     if "arc_inner" in only:

