@@ -126,10 +126,14 @@ def test_under_sentences_every_text_is_cut_alike_and_a_qa_line_stays_whole():
 def test_shipped_data_is_well_formed_and_disjoint():
     ev = kt.load_passages(kt.DATA / "fictional-eval.json")
     rl = kt.load_passages(kt.DATA / "fictional-rl.json")
-    assert len(ev) + len(rl) >= 60 and len(ev) >= 20
+    long_ev = kt.load_passages(kt.DATA / "fictional-long-eval.json")  # --eval_data= it (docs/knowledge.md, Data)
+    long_rl = kt.load_passages(kt.DATA / "fictional-long-rl.json")    # tuning data, never an evaluation set
+    assert len(ev) + len(rl) >= 60 and len(ev) >= 20 and len(long_ev) == 24
+    assert all(100 <= len(p["context"].split()) <= 130 for p in long_ev + long_rl)
     # Evaluation passages keep 5 questions, the format of held-out passages; RL passages carry more, because with
     # 5 the reward moves in steps of 0.2 and is too coarse to tell self-edits apart.
-    assert all(len(p["questions"]) == 5 for p in ev) and all(len(p["questions"]) >= 5 for p in rl)
+    assert all(len(p["questions"]) == 5 for p in ev + long_ev) and all(len(p["questions"]) >= 5 for p in rl)
+    ev, rl = ev + long_ev, rl + long_rl
     for p in ev + rl:
         assert len({kt.normalize(q["answer"]) for q in p["questions"]}) == len(p["questions"])  # one fact each
         for q in p["questions"]:
@@ -292,6 +296,8 @@ def test_the_cpu_presets_counts_are_caps(tiny):
     shipped = dom()
     assert len(shipped.eval_items) == 24 and shipped.rl_items_for_round(2) == [f"r{i:03d}" for i in range(8, 16)]
     assert len(dom("--n_eval=12").eval_items) == 12
+    long = dom(f"--eval_data={kt.DATA / 'fictional-long-eval.json'}")  # the long evaluation set, all of it
+    assert len(long.eval_items) == 24 and len(long.passages["e000"]["context"].split()) > 100
     with pytest.raises(SystemExit, match=re.escape("has 2 passages, 3 asked for")):
         dom(f"--eval_data={tiny / 'ev.json'}", "--n_eval=3")
 
