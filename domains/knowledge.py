@@ -79,6 +79,9 @@ class KnowledgeConfig(seal.RunConfig):
     sft_lr: float = 3e-4
     sft_epochs: int = 2
     sft_batch: int = 10
+    sft_target_loss: float = 0.0    # stop the M-step after the first epoch whose mean loss is at or below this, so
+                                    # rounds and seeds end equally fit (issue 37; 0: off, the official fixed
+                                    # --sft_epochs, which is the most epochs when it is on)
     # continued pretraining (the cpt row): every evaluation passage's self-edits in one adapter (v1) or full FT (v2)
     cpt_mode: str = "lora"          # lora | full
     cpt_lr: float = 1e-3

@@ -302,6 +302,24 @@ def test_the_cpu_presets_counts_are_caps(tiny):
         dom(f"--eval_data={tiny / 'ev.json'}", "--n_eval=3")
 
 
+def test_the_m_step_stops_at_the_first_epoch_that_reaches_the_target_loss(tiny, tmp_path):
+    """--sft_target_loss: the M-step runs --sft_epochs epochs at most and stops after the first whose mean loss is at
+    or below the target; until then it is the fixed M-step, step for step."""
+    def m_step(out, **kw):
+        learner = seal.Learner(config(tiny, "unused", sft_epochs=4, sft_batch=1, **kw), str(tiny))
+        tok = learner.tok
+        recs = [{"item": f"r00{i}", "prompt_ids": tok.encode(f"Passage {i}:"), "ids": tok.encode(text)}
+                for i, text in enumerate(("It was built in 1908 by Lionel.", "Its bell weighs 2.5 tonnes."))]
+        return learner.m_step(recs, "rl1", tmp_path / out)["losses"]
+    fixed = m_step("fixed")
+    assert len(fixed) == 8  # 2 self-edits, batch 1, 4 epochs
+    means = [(fixed[2 * e] + fixed[2 * e + 1]) / 2 for e in range(4)]
+    first = next(e for e, m in enumerate(means) if m <= means[2])  # the first epoch at or below epoch 3's mean
+    assert m_step("target", sft_target_loss=means[2]) == fixed[:2 * first + 2]
+    assert len(m_step("loose", sft_target_loss=1e9)) == 2  # reached after one epoch
+    assert m_step("unreachable", sft_target_loss=1e-9) == fixed  # never reached: all the epochs
+
+
 def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
     with pytest.raises(SystemExit, match="needs --teacher"):
         seal.run(config(tiny, tmp_path / "a", rows="teacher"), kn.Knowledge)
