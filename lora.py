@@ -342,12 +342,13 @@ class TrainResult:
 
 def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", warmup=0, schedule="cosine",
           weight_decay=0.0, max_grad_norm=1.0, max_len=8192, seed=0, adapter=None, params=None,
-          on_step=None) -> TrainResult:
+          on_step=None, target_loss=None) -> TrainResult:
     """Fine-tune the trainable params (the adapter's, else params, else every param with requires_grad) on
     (prompt_ids, completion_ids) examples. Each step packs its batch_size examples into one row. The official run
     pads each batch to its longest example and trains on the padding too (docs/official.md §1.5); packing spends no
     FLOPs on pads and keeps the loss on real tokens only. Nothing is written to disk.
-    on_step(step, loss, lr) is called after every optimizer step."""
+    on_step(step, loss, lr) is called after every optimizer step. target_loss: stop after the first epoch whose
+    mean step loss is at or below it, so `epochs` is the most (the schedule still spans all of them)."""
     if loss_on not in ("completion", "all"):
         raise ValueError(f"loss_on={loss_on!r} (completion or all)")
     params = adapter.params() if adapter is not None else model.parameters() if params is None else params
@@ -359,6 +360,7 @@ def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", 
     if not kept or epochs <= 0:
         return res
     plan = batches(len(kept), batch_size, epochs, seed)
+    per_epoch = len(plan) // epochs  # optimizer steps in an epoch
     device = params[0].device
     if device.type == "cpu":
         settings.keep_freed_memory()
@@ -387,6 +389,9 @@ def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", 
                 res.losses.append(loss_f)
                 if on_step is not None:
                     on_step(step, loss_f, opt.lr)
+                if target_loss is not None and res.steps % per_epoch == 0 and (
+                        sum(res.losses[-per_epoch:]) / per_epoch <= target_loss):
+                    break  # the epoch that just ended fit the data well enough
         if res.failed is None and not math.isfinite(torch.stack(torch._foreach_norm(params)).sum().item()):
             res.failed = f"non-finite params after step {res.steps - 1}"  # the last update blew up
         if res.failed is not None:

@@ -305,7 +305,8 @@ class Learner:
                           seed=stable_seed(cfg.seed, phase))
         res = lora.train(policy, examples, lr=cfg.sft_lr, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch,
                          loss_on="completion", schedule="cosine", warmup=0, seed=stable_seed(cfg.seed, phase),
-                         adapter=sft, max_len=cfg.max_len)
+                         adapter=sft, max_len=cfg.max_len,  # KnowledgeConfig's setting: ARC's fingerprint stays
+                         target_loss=getattr(cfg, "sft_target_loss", 0.0) or None)
         sft.merge()
         checkpoint.save(policy, save_to, tokenizer_dir=checkpoint.resolve(self.cfg.model))
         if not apart:

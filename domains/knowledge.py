@@ -22,8 +22,9 @@ import sampling
 import seal
 import settings
 from domains.knowledge_text import (CONSTRAINED, CONTROLS, DATA, GRADERS, PROMPTS, QA_MARKS, SELF_QA_START,
-                                    answer_coverage, distinct_ngrams, judge_says_yes, load_passages, qa_pair,
-                                    question_prompt, self_edit_lines, self_edit_prompt, shared_ngrams, training_texts)
+                                    SEQUENCES, answer_coverage, distinct_ngrams, judge_says_yes, load_passages,
+                                    qa_pair, question_prompt, self_edit_lines, self_edit_prompt, shared_ngrams,
+                                    training_texts, training_units)
 
 ALL_PROJ = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -55,6 +56,9 @@ class KnowledgeConfig(seal.RunConfig):
     frame: str = "plain"            # how a self-edit line is trained: plain ("{title}\n{line}", official) | qa (a
                                     # line that is a question and its answer is trained as the question the
                                     # evaluation asks, answered; other lines stay plain): docs/knowledge.md
+    sequences: str = "lines"        # what one inner-loop sequence is: lines (official: a self-edit line; the
+                                    # passage whole) | sentences (every text, the passage too, cut into sentences,
+                                    # so rows differ only in what they say; a question-answer line stays whole)
     reward: str = "accuracy"        # what selects self-edits: accuracy (greedy answers, --grader) | loglik (the
                                     # gold answers' mean log-likelihood per token after the inner loop, closed book)
                                     # | sampled (--grader's accuracy over --answer_samples answers sampled at T=1)
@@ -75,6 +79,9 @@ class KnowledgeConfig(seal.RunConfig):
     sft_lr: float = 3e-4
     sft_epochs: int = 2
     sft_batch: int = 10
+    sft_target_loss: float = 0.0    # stop the M-step after the first epoch whose mean loss is at or below this, so
+                                    # rounds and seeds end equally fit (issue 37; 0: off, the official fixed
+                                    # --sft_epochs, which is the most epochs when it is on)
     # continued pretraining (the cpt row): every evaluation passage's self-edits in one adapter (v1) or full FT (v2)
     cpt_mode: str = "lora"          # lora | full
     cpt_lr: float = 1e-3
@@ -125,7 +132,8 @@ class Knowledge(seal.Domain):
     def __init__(self, cfg: KnowledgeConfig, tok):
         super().__init__(cfg, tok)
         for name, options in (("grader", (*GRADERS, "judge")), ("cpt_mode", ("lora", "full")), ("prompt", PROMPTS),
-                              ("frame", ("plain", "qa")), ("reward", ("accuracy", "loglik", "sampled"))):
+                              ("frame", ("plain", "qa")), ("sequences", SEQUENCES),
+                              ("reward", ("accuracy", "loglik", "sampled"))):
             settings.check_choice(name, getattr(cfg, name), options)
         if cfg.grader == "judge" and not cfg.judge:
             raise SystemExit("--grader=judge needs --judge=MODEL (a local model asked yes/no)")
@@ -216,15 +224,15 @@ class Knowledge(seal.Domain):
         return [sampling.cut_at_stop(tok.decode(o), stop) for o in outs]
 
     def sequences(self, passage, text):
-        """Training examples, (empty prompt, text + end of text) with the loss on every token: each self-edit line
-        after the title (official) or, with --frame=qa, a question-and-answer line as the very question the
-        evaluation asks, answered; then the passage itself."""
-        texts = training_texts(passage, text, self.cfg.prompt)
+        """Training examples, (empty prompt, text + end of text) with the loss on every token: each unit of the
+        self-edit (a line, official, or a sentence: --sequences) after the title or, with --frame=qa, a
+        question-and-answer line as the very question the evaluation asks, answered; then the passage's units."""
+        texts = training_texts(passage, text, self.cfg.prompt, self.cfg.sequences)
         if self.cfg.frame == "qa":
-            lines = self_edit_lines(text, self.cfg.prompt) if text else []
-            pairs = [qa_pair(line) for line in lines]
+            edit, _ = training_units(passage, text, self.cfg.prompt, self.cfg.sequences)
+            pairs = [qa_pair(unit) for unit in edit]
             texts = [self._text(self.tok, *question_prompt(passage, {"question": qa[0]})) + qa[1] if qa else t
-                     for qa, t in zip(pairs, texts)] + texts[len(lines):]
+                     for qa, t in zip(pairs, texts)] + texts[len(edit):]
         return [([], self.tok.encode(t) + [self.tok.eos_id]) for t in texts]
 
     def answer_loglik(self, m, passage):

@@ -111,17 +111,61 @@ def self_edit_lines(text, variant):
     return out
 
 
-def training_texts(passage, text, variant):
-    """Each self-edit line prefixed with the title, then the passage itself (always trained; alone for the
-    'train on passage' row, where the self-edit is empty)."""
+SEQUENCES = ("lines", "sentences")  # --sequences: what one training sequence is (training_units)
+
+
+def training_units(passage, text, variant, sequences="lines"):
+    """What the inner loop trains, one sequence each, before the title goes in front: (the self-edit's units, the
+    passage's). "lines" (official, §2.3): each self-edit line, and the passage whole (always trained; alone for the
+    'train on passage' row, where the self-edit is empty). "sentences": every text, the passage and each line alike,
+    cut into its sentences, so that a text's sequences follow what it says and not how it is laid out: the passage
+    as one paragraph and its sentences one per line train the same sequences. A line that is a question and its
+    answer stays one unit: cut, the answer would lose its question."""
     lines = self_edit_lines(text, variant) if text else []
-    return [f"{passage['title']}\n{line}" for line in lines] + [f"{passage['title']}\n{passage['context']}"]
+    if sequences == "lines":
+        return lines, [passage["context"]]
+    return ([u for line in lines for u in ([line] if qa_pair(line) else split_sentences(line))],
+            split_sentences(passage["context"]))
+
+
+def training_texts(passage, text, variant, sequences="lines"):
+    """Each of training_units after the passage's title: the self-edit's, then the passage's."""
+    edit, own = training_units(passage, text, variant, sequences)
+    return [f"{passage['title']}\n{u}" for u in edit + own]
+
+
+# A sentence's end: . ! ? (or an ellipsis), any closing quotes or brackets, then space and what can open a sentence.
+# A decimal point (3.5) has no space after it, so it never matches.
+SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s+[\"'\u201c\u2018(\[]?[A-Z0-9])")
+# Words whose point is no sentence's end, as they stand before a name or a number. Case matters: "no." may end a
+# sentence, "No. 5" does not. Initials (J. R.) and dotted abbreviations (U.S., e.g., a.m.) are found by their shape.
+ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "Prof", "St", "Mt", "Sr", "Jr", "Rev", "Fr", "Capt", "Col", "Gen", "Lt",
+                 "Sgt", "Gov", "Sen", "Rep", "Hon", "No", "Nos", "Vol", "Fig", "vs", "cf", "approx", "ca", "Jan",
+                 "Feb", "Mar", "Apr", "Jun", "Jul", "Aug", "Sep", "Sept", "Oct", "Nov", "Dec")
+NOT_AN_END = re.compile(r"(?:^|[\s(\"'\u201c])(?:[A-Z]|(?:[A-Za-z]\.)+[A-Za-z]|" + "|".join(ABBREVIATIONS) + r")$"
+                        r"|^\s*\d+$")  # the last: a list's number ("1. It is old.")
+
+
+def split_sentences(text):
+    """The text's sentences in order, stripped; a line break always ends one (a heading, a list item). No end: the
+    point of an abbreviation (Dr., e.g., U.S.: ABBREVIATIONS), of an initial (J. R. Tolkien) or of a list's number,
+    a decimal point (3.5), a "!" or "?" in a quote the sentence goes on after ("Stop!" she said). A sentence that
+    ends in an abbreviation runs on into the next: two sentences in one sequence, nothing lost."""
+    out = []
+    for line in text.splitlines():
+        start = 0
+        for m in SENTENCE_END.finditer(line):
+            if m.group().startswith(".") and NOT_AN_END.search(line[start:m.start()]):
+                continue
+            out.append(line[start:m.end()].strip())
+            start = m.end()
+        out.append(line[start:].strip())
+    return [s for s in out if s]
 
 
 def passage_sentences(passage):
     """The passage's own sentences, one per line: a control self-edit that restates and invents nothing."""
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", passage["context"].strip())
-    return "\n".join(s.strip() for s in parts if s.strip())
+    return "\n".join(split_sentences(passage["context"]))
 
 
 def gold_qa(passage):

@@ -81,6 +81,44 @@ def test_training_texts_prefix_the_title_and_end_with_the_passage():
     assert kt.training_texts(P, "", "implications") == ["Gannet Clock Tower\nIt was built in 1908."]  # passage only
 
 
+@pytest.mark.parametrize("text, sentences", [
+    ("Dr. Ames met Mr. Bell at St. Olave's. It rained.", ["Dr. Ames met Mr. Bell at St. Olave's.", "It rained."]),
+    ("It sold in the U.S. and Canada, e.g. Toronto. Then it stopped.",
+     ["It sold in the U.S. and Canada, e.g. Toronto.", "Then it stopped."]),
+    ("The bell weighs 2.5 tonnes. It cost 3.75 crowns.", ["The bell weighs 2.5 tonnes.", "It cost 3.75 crowns."]),
+    ('She wrote "Never again." Then she sailed.', ['She wrote "Never again."', "Then she sailed."]),
+    ('"Stop!" he shouted. "Why?" Nobody knew.', ['"Stop!" he shouted.', '"Why?"', "Nobody knew."]),
+    ("J. R. Ortley wrote it in 1911. 400 copies sold.", ["J. R. Ortley wrote it in 1911.", "400 copies sold."]),
+    ("1. It is old. 2. It chimes!", ["1. It is old.", "2. It chimes!"]),
+    ("Is it old? Yes... Very old.", ["Is it old?", "Yes...", "Very old."]),
+    ("Ward No. 5 won. The answer was no. Good.", ["Ward No. 5 won.", "The answer was no.", "Good."]),
+    ("A heading\nIts line one. its line two.", ["A heading", "Its line one. its line two."]),  # lower case: no end
+    ("It opened at 9 a.m. Nobody came.", ["It opened at 9 a.m. Nobody came."]),  # after an abbreviation: runs on
+    ("  \n", [])])
+def test_sentences_are_cut_at_their_ends_only(text, sentences):
+    assert kt.split_sentences(text) == sentences
+
+
+def test_the_sentences_control_cuts_every_shipped_passage_into_whole_sentences():
+    for name in ("fictional-eval.json", "fictional-rl.json", "fictional-long-rl.json", "fictional-long-eval.json"):
+        for p in kt.load_passages(kt.DATA / name):
+            lines = kt.passage_sentences(p).splitlines()
+            assert " ".join(lines) == " ".join(p["context"].split())  # every word kept, in order
+            assert len(lines) >= 4 and all(kt.split_sentences(s) == [s] for s in lines)
+
+
+def test_under_sentences_every_text_is_cut_alike_and_a_qa_line_stays_whole():
+    para = "It was built in 1908 by Lionel Vantreight. It stands on the pier!"
+    text = f"{para}\nIts bell weighs 2.5 tonnes.\nQuestion: Who built it? Answer: Lionel Vantreight."
+    assert kt.training_units(QA_P, text, "rewrite", "sentences") == (
+        ["It was built in 1908 by Lionel Vantreight.", "It stands on the pier!", "Its bell weighs 2.5 tonnes.",
+         "Question: Who built it? Answer: Lionel Vantreight."], kt.passage_sentences(QA_P).splitlines())
+    assert kt.training_units(QA_P, text, "rewrite") == (  # official: a line each, the passage whole
+        [para, "Its bell weighs 2.5 tonnes.", "Question: Who built it? Answer: Lionel Vantreight."], [QA_P["context"]])
+    assert kt.training_texts(QA_P, "", "rewrite", "sentences") == [
+        f"Gannet Clock Tower\n{s}" for s in kt.passage_sentences(QA_P).splitlines()]
+
+
 # -----------------------------------------------------------------------------
 # Data
 
@@ -88,10 +126,14 @@ def test_training_texts_prefix_the_title_and_end_with_the_passage():
 def test_shipped_data_is_well_formed_and_disjoint():
     ev = kt.load_passages(kt.DATA / "fictional-eval.json")
     rl = kt.load_passages(kt.DATA / "fictional-rl.json")
-    assert len(ev) + len(rl) >= 60 and len(ev) >= 20
+    long_ev = kt.load_passages(kt.DATA / "fictional-long-eval.json")  # --eval_data= it (docs/knowledge.md, Data)
+    long_rl = kt.load_passages(kt.DATA / "fictional-long-rl.json")    # tuning data, never an evaluation set
+    assert len(ev) + len(rl) >= 60 and len(ev) >= 20 and len(long_ev) == 24
+    assert all(100 <= len(p["context"].split()) <= 130 for p in long_ev + long_rl)
     # Evaluation passages keep 5 questions, the format of held-out passages; RL passages carry more, because with
     # 5 the reward moves in steps of 0.2 and is too coarse to tell self-edits apart.
-    assert all(len(p["questions"]) == 5 for p in ev) and all(len(p["questions"]) >= 5 for p in rl)
+    assert all(len(p["questions"]) == 5 for p in ev + long_ev) and all(len(p["questions"]) >= 5 for p in rl)
+    ev, rl = ev + long_ev, rl + long_rl
     for p in ev + rl:
         assert len({kt.normalize(q["answer"]) for q in p["questions"]}) == len(p["questions"])  # one fact each
         for q in p["questions"]:
@@ -254,8 +296,28 @@ def test_the_cpu_presets_counts_are_caps(tiny):
     shipped = dom()
     assert len(shipped.eval_items) == 24 and shipped.rl_items_for_round(2) == [f"r{i:03d}" for i in range(8, 16)]
     assert len(dom("--n_eval=12").eval_items) == 12
+    long = dom(f"--eval_data={kt.DATA / 'fictional-long-eval.json'}")  # the long evaluation set, all of it
+    assert len(long.eval_items) == 24 and len(long.passages["e000"]["context"].split()) > 100
     with pytest.raises(SystemExit, match=re.escape("has 2 passages, 3 asked for")):
         dom(f"--eval_data={tiny / 'ev.json'}", "--n_eval=3")
+
+
+def test_the_m_step_stops_at_the_first_epoch_that_reaches_the_target_loss(tiny, tmp_path):
+    """--sft_target_loss: the M-step runs --sft_epochs epochs at most and stops after the first whose mean loss is at
+    or below the target; until then it is the fixed M-step, step for step."""
+    def m_step(out, **kw):
+        learner = seal.Learner(config(tiny, "unused", sft_epochs=4, sft_batch=1, **kw), str(tiny))
+        tok = learner.tok
+        recs = [{"item": f"r00{i}", "prompt_ids": tok.encode(f"Passage {i}:"), "ids": tok.encode(text)}
+                for i, text in enumerate(("It was built in 1908 by Lionel.", "Its bell weighs 2.5 tonnes."))]
+        return learner.m_step(recs, "rl1", tmp_path / out)["losses"]
+    fixed = m_step("fixed")
+    assert len(fixed) == 8  # 2 self-edits, batch 1, 4 epochs
+    means = [(fixed[2 * e] + fixed[2 * e + 1]) / 2 for e in range(4)]
+    first = next(e for e, m in enumerate(means) if m <= means[2])  # the first epoch at or below epoch 3's mean
+    assert m_step("target", sft_target_loss=means[2]) == fixed[:2 * first + 2]
+    assert len(m_step("loose", sft_target_loss=1e9)) == 2  # reached after one epoch
+    assert m_step("unreachable", sft_target_loss=1e-9) == fixed  # never reached: all the epochs
 
 
 def test_teacher_row_samples_from_the_teacher(tiny, tmp_path):
@@ -313,6 +375,43 @@ def test_the_qa_frame_trains_a_pair_as_the_question_the_evaluation_asks(tiny):
     assert tok.decode(plain[0][1]) == "Gannet Clock Tower\nQuestion 1: When? Answer: 1908<|im_end|>"  # official
 
 
+def test_sentences_cut_every_row_alike_and_a_folder_of_the_other_frame_is_refused(tiny, tmp_path):
+    """--sequences=sentences, through the loop: every training sequence of every row (the passage, the sentences
+    control, the base policy's self-edits, the pooled CPT) is the title and one sentence, the passage's own sentences
+    come last in each, and the same words laid out as a paragraph or as lines train the same sequences."""
+    cfg = config(tiny, tmp_path / "s", sequences="sentences", rows="passage,sentences,self_edit,cpt")
+    res = seal.run(cfg, kn.Knowledge)
+    dom = kn.Knowledge(cfg, checkpoint.load(str(tiny))[1])
+    decode = lambda seqs: [dom.tok.decode(ids[:-1]) for _, ids in seqs]
+    recs = recs_of(tmp_path / "s")
+    assert {r["phase"] for r in recs} == {"passage", "sentences", "self_edit", "cpt"}
+    for r in recs:
+        items = dom.eval_items if r["item"] == "all" else [r["item"]]
+        texts = [x["text"] for x in recs if x["phase"] == "self_edit"] if r["item"] == "all" else [r["text"]]
+        seqs = [s for it, t in zip(items, texts) for s in decode(dom.sequences(dom.passages[it], t))]
+        assert (r["runs"][0] if "runs" in r else r)["sequences"] == len(seqs)  # what the inner loop trained
+        for it, t in zip(items, texts):
+            p = dom.passages[it]
+            got = decode(dom.sequences(p, t))
+            own = [f"{p['title']}\n{s}" for s in kt.passage_sentences(p).splitlines()]
+            assert got[len(got) - len(own):] == own  # the passage: its sentences, one sequence each
+            assert all(x.startswith(p["title"] + "\n") and len(kt.split_sentences(x[len(p["title"]) + 1:])) == 1
+                       for x in got)
+    control = [r for r in recs if r["phase"] == "sentences"]
+    assert all(r["runs"][0]["sequences"] == 2 * len(kt.passage_sentences(dom.passages[r["item"]]).splitlines())
+               for r in control)
+    p = dom.passages["e000"]
+    assert dom.sequences(p, p["context"]) == dom.sequences(p, kt.passage_sentences(p))  # layout does not count
+    official = kn.Knowledge(config(tiny, "unused"), dom.tok)
+    assert len(official.sequences(p, p["context"])) == 2 < len(official.sequences(p, kt.passage_sentences(p)))
+    assert {r["row"] for r in res["rows"]} == {"passage", "sentences", "self_edit", "cpt"}
+    with pytest.raises(SystemExit, match=r"other settings.*sequences: 'sentences' there, 'lines' now"):
+        seal.RunFolder(config(tiny, tmp_path / "s", rows="passage,sentences,self_edit,cpt"))
+    seal.RunFolder(config(tiny, tmp_path / "l"))
+    with pytest.raises(SystemExit, match=r"other settings.*sequences: 'lines' there, 'sentences' now"):
+        seal.RunFolder(config(tiny, tmp_path / "l", sequences="sentences"))
+
+
 def test_loglik_reward_is_higher_after_learning_the_gold_answers(smollm2_dir, tmp_path):
     """Pinned, on the real model: the same two questions trained with their gold answers, against trained with wrong
     answers and against no training. The reward must rank the model that learned the answers first, by far."""
@@ -366,7 +465,7 @@ def test_reliability_command_and_filter_on_a_tiny_model(tiny, tmp_path):
 def test_rewards_are_checked_and_the_record_holds_the_reward_beside_the_score(tiny):
     tok = checkpoint.load(str(tiny))[1]
     for bad, msg in (({"reward": "bleu"}, "--reward='bleu'"), ({"reward": "sampled"}, "needs --answer_samples"),
-                     ({"frame": "json"}, "--frame='json'"),
+                     ({"frame": "json"}, "--frame='json'"), ({"sequences": "words"}, "--sequences='words'"),
                      ({"answer_samples": 4, "grader": "judge", "judge": "x"}, "not --grader=judge")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             kn.Knowledge(config(tiny, "unused", **bad), tok)
