@@ -12,9 +12,8 @@ model: inject once, then for each self-edit `adapter.reset()` and `train(...)`, 
         res = train(m, examples, lr=edit.lr, epochs=edit.epochs, warmup=11)   # bs 2, cosine, AdamW, clip 1.0
     checkpoint.save_adapter(adapter, "out/adapter")   # PEFT format: peft.PeftModel.from_pretrained reads it
 
-Dtype policy: the base weights stay in their own dtype (bf16 on GPU, fp32 on CPU); LoRA weights, their gradients and
-the optimizer state are fp32, as PEFT's autocast_adapter_dtype keeps them in the official run. The branch itself
-computes in the base dtype from those fp32 masters (mixed-precision training; PEFT computes it in fp32).
+Dtype policy: base weights in their own dtype (bf16 on GPU, fp32 on CPU); LoRA weights, gradients and optimizer state
+in fp32, as the official run's PEFT keeps them; the branch computes in the base dtype from those fp32 masters.
 """
 import math
 import time
@@ -292,10 +291,9 @@ def packed_loss(model, p: Packed) -> torch.Tensor:
 
 @torch.no_grad()
 def completion_scores(model, examples) -> list:
-    """Teacher-forced scores of each (prompt, completion), in one packed forward pass: per example the completion's
-    tokens that the argmax predicts (given the prompt and the true tokens before them), its token count and its
-    summed log-likelihood. The graded rewards of both domains read these (ARC's token accuracy, knowledge's answer
-    log-likelihood)."""
+    """Teacher-forced scores of each (prompt, completion) in one packed forward pass: the completion's tokens the
+    argmax predicts (given the prompt and the true tokens before them), its token count and summed log-likelihood.
+    Both domains' graded rewards read these (ARC's token accuracy, knowledge's answer log-likelihood)."""
     device = next(model.parameters()).device
     p = pack(examples, "completion", device)
     logp = torch.log_softmax(model.packed_logits(p.idx, p.doc_lens, p.pos).float(), -1)
@@ -308,9 +306,8 @@ def completion_scores(model, examples) -> list:
 
 
 def n_targets(example, loss_on) -> int:
-    prompt, completion = example
-    n = len(prompt) + len(completion)
-    return max(n - 1, 0) if loss_on == "all" else min(len(completion), n - 1)
+    n = len(example[0]) + len(example[1])  # (prompt, completion)
+    return max(n - 1, 0) if loss_on == "all" else min(len(example[1]), n - 1)
 
 
 def batches(n: int, batch_size: int, epochs: int, seed: int) -> list:
@@ -343,12 +340,10 @@ class TrainResult:
 def train(model, examples, *, lr, epochs=1, batch_size=2, loss_on="completion", warmup=0, schedule="cosine",
           weight_decay=0.0, max_grad_norm=1.0, max_len=8192, seed=0, adapter=None, params=None,
           on_step=None, target_loss=None) -> TrainResult:
-    """Fine-tune the trainable params (the adapter's, else params, else every param with requires_grad) on
-    (prompt_ids, completion_ids) examples. Each step packs its batch_size examples into one row. The official run
-    pads each batch to its longest example and trains on the padding too (docs/official.md §1.5); packing spends no
-    FLOPs on pads and keeps the loss on real tokens only. Nothing is written to disk.
-    on_step(step, loss, lr) is called after every optimizer step. target_loss: stop after the first epoch whose
-    mean step loss is at or below it, so `epochs` is the most (the schedule still spans all of them)."""
+    """Fine-tune the trainable params (the adapter's, else params, else all with requires_grad) on (prompt_ids,
+    completion_ids) examples, each step's batch packed into one row: no FLOPs or loss on pads, which the official run
+    trains (docs/official.md §1.5). Nothing is written to disk. on_step(step, loss, lr) follows every step.
+    target_loss: stop after the first epoch whose mean loss reaches it (`epochs` is the most; the schedule spans all)."""
     if loss_on not in ("completion", "all"):
         raise ValueError(f"loss_on={loss_on!r} (completion or all)")
     params = adapter.params() if adapter is not None else model.parameters() if params is None else params
