@@ -119,7 +119,9 @@ def test_a_compiled_stage_cut_off_keeps_the_eager_result(tiny_chat_dir, tmp_path
         seen = lambda: json.loads((mirror / "gpu-check.json").read_text())["stages"] if (mirror / "gpu-check.json"
                                                                                      ).exists() else {}
         t0 = time.monotonic()
-        while "arc_eval" not in seen() and proc.poll() is None and time.monotonic() - t0 < 120:
+        # a running stage is mirrored as it grows ("running"): wait for the stage to end
+        while seen().get("arc_eval", {}).get("status") in (None, "running") and proc.poll() is None and (
+                time.monotonic() - t0 < 120):
             time.sleep(0.1)
         assert seen()["arc_eval"]["status"] == "done" and proc.poll() is None  # back before the command ends
         assert proc.wait(timeout=120) == 0
