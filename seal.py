@@ -72,7 +72,7 @@ class RunConfig:
     sft_batch: int = 1              # the M-step's sequences per optimizer step
     ttt_base: str = "policy"        # the model the inner loop adapts after ReST-EM: "policy" (official: the merged
                                     # M-step model samples and is adapted) or "base" (the policy is a second model
-                                    # that only samples; TTT keeps adapting the base model: docs/official.md §4.1)
+                                    # that only samples; TTT keeps adapting the base model: docs/official.md §4.2)
     max_len: int = 8192             # the longest training sequence in tokens (longer ones are left out)
     eval_batch: int = 32            # prompts per batch when decoding
 
