@@ -23,7 +23,8 @@ import seal
 import settings
 from run_folder import RunFolder, fmt_time, write_atomic
 from domains.knowledge import ALL_PROJ, Knowledge, KnowledgeConfig
-from domains.knowledge_text import CONTROLS, GRADERS, answer_coverage, self_edit_lines, squad_selection
+from domains.knowledge_text import (CONTROLS, GRADERS, answer_coverage, answer_lines, distinct_ngrams,
+                                    self_edit_lines, shared_ngrams, squad_selection)
 
 # -----------------------------------------------------------------------------
 # filter: which inner loop puts a passage into this model's weights (the paper's r32 on q, v teaches a 135M
@@ -113,10 +114,15 @@ def compare_prompts(argv):
             cov = [answer_coverage(dom.passages[j["item"]], j["text"]) for j in jobs]
             best = [max(cov[i:i + cfg.rl_samples]) for i in range(0, len(cov), cfg.rl_samples)]
             lines = sum(len(self_edit_lines(j["text"], variant)) for j in jobs) / len(jobs)
-            out[f"{variant}@{t:g}"] = {"coverage": sum(cov) / len(cov), "best_of_k": sum(best) / len(best),
-                                       "lines": lines, "texts": [j["text"] for j in jobs]}
-            print(f"{variant:>18} T={t:<4g} coverage {sum(cov) / len(cov):.2f}, best of {cfg.rl_samples} "
-                  f"{sum(best) / len(best):.2f}, {lines:.1f} lines", flush=True)
+            stating = sum(answer_lines(dom.passages[j["item"]], j["text"], variant) for j in jobs) / len(jobs)
+            texts = [j["text"] for j in jobs]
+            row = out[f"{variant}@{t:g}"] = {
+                "coverage": sum(cov) / len(cov), "best_of_k": sum(best) / len(best), "lines": lines,
+                "stating_lines": stating, "distinct_2": distinct_ngrams(texts),
+                "shared_2": shared_ngrams([(j["item"], j["text"]) for j in jobs]), "texts": texts}
+            print(f"{variant:>18} T={t:<4g} coverage {row['coverage']:.2f}, best of {cfg.rl_samples} "
+                  f"{row['best_of_k']:.2f}, {lines:.1f} lines ({stating:.1f} stating an answer), distinct_2 "
+                  f"{row['distinct_2'] or 0:.2f}, shared_2 {row['shared_2'] or 0:.2f}", flush=True)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_atomic(Path(cfg.out) / "prompts.json", json.dumps(out, indent=1))
     return out

@@ -231,6 +231,14 @@ def answer_coverage(passage, text):
     return sum(lenient(text, q["answer"]) for q in passage["questions"]) / len(passage["questions"])
 
 
+def answer_lines(passage, text, variant):
+    """How many of a self-edit's lines state at least one gold answer: under the official frame each line is a
+    training sequence, so this counts the sequences that carry a fact asked about (the sentences control has about
+    one per question). A faithful multi-line self-edit raises it; one faithful paragraph gives at most 1 (issue 37).
+    A diagnostic, like answer_coverage, never a reward."""
+    return sum(answer_coverage(passage, line) > 0 for line in self_edit_lines(text, variant))
+
+
 def word_ngrams(text, n):
     """The text's word n-grams after SQuAD's normalisation, in order."""
     w = normalize(text).split()

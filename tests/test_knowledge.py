@@ -509,6 +509,14 @@ def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
     assert dom.metrics(recs)["answer_coverage"] == 0.5
 
 
+def test_answer_lines_count_the_lines_that_state_a_gold_answer(tiny):
+    p = {"title": "T", "context": "", "questions": [{"question": "When?", "answer": "1861"},
+                                                    {"question": "Who?", "answer": "Ambrose Wethercott"}]}
+    assert kt.answer_lines(p, "It began in 1861.\nAmbrose Wethercott made it.\nIt was blue.", "rewrite") == 2
+    assert kt.answer_lines(p, "In 1861 Ambrose Wethercott made it, and it was blue.", "rewrite") == 1
+    assert kt.answer_lines(p, "It was blue.\nIt was red.", "rewrite") == 0
+
+
 def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
     out = ks.compare_prompts([f"--model={tiny}", f"--eval_data={tiny / 'ev.json'}", f"--rl_data={tiny / 'rl.json'}",
                               "--chat=true", "--se_max_tokens=6", "--rounds=1", "--n_passages=2", "--rl_samples=2",
@@ -516,6 +524,7 @@ def test_prompts_command_reports_each_prompts_coverage(tiny, tmp_path):
     assert list(out) == ["rewrite@1", "rewrite@0.5", "self-qa@1", "self-qa@0.5"]
     for res in out.values():
         assert len(res["texts"]) == 4 and 0 <= res["coverage"] <= res["best_of_k"] <= 1
+        assert 0 <= res["stating_lines"] <= res["lines"] and 0 <= res["shared_2"] <= 1
     assert all(t.startswith(kt.SELF_QA_START) for t in out["self-qa@1"]["texts"])
     assert json.loads((tmp_path / "prompts.json").read_text()) == out
 
