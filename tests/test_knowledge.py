@@ -509,7 +509,7 @@ def test_answer_coverage_counts_the_gold_answers_a_self_edit_states(tiny):
     assert dom.metrics(recs)["answer_coverage"] == 0.5
 
 
-def test_answer_lines_count_the_lines_that_state_a_gold_answer(tiny):
+def test_answer_lines_count_the_lines_that_state_a_gold_answer():
     p = {"title": "T", "context": "", "questions": [{"question": "When?", "answer": "1861"},
                                                     {"question": "Who?", "answer": "Ambrose Wethercott"}]}
     assert kt.answer_lines(p, "It began in 1861.\nAmbrose Wethercott made it.\nIt was blue.", "rewrite") == 2
