@@ -150,11 +150,14 @@ case "$cmd" in
       # docs/knowledge.md "SEAL's effect at 135M": the paper's batch-1 inner loop on all 7 projections (where a
       # self-edit's lines can teach), the rewrite prompt (the most answers covered), the sampled-accuracy reward
       # (the one whose ranking survives a second inner-loop seed), bf16 (1.7x fp32 on this CPU)
-      # All 24 evaluation passages (120 questions): greedy accuracy on 40 could not separate a 9-point gain
-      # (docs/knowledge.md §6); 120 over 3 seeds did (§10).
+      # All 24 long evaluation passages (113-128 words, 120 questions; issue 37): greedy accuracy on 40 questions
+      # could not separate a 9-point gain (docs/knowledge.md §6); 120 over 3 seeds did (§10).
+      # The E-step samples at 0.8 (evaluation at 1.0): at 1.0 one seed's policy fell below the base policy's on
+      # long passages (§9); at 0.8 it copies the passage after one round (docs/knowledge.md, issue 37's ReST-EM).
       # --eval_batch=80: an RL passage's 10 questions x 8 sampled answers in one decoding batch (docs/speed.md)
       preset=(--model=smollm2-135m --chat=true --dtype=bf16 --out=runs/knowledge-tiny --max_eval=24 --max_rl=8
-              --rounds=2 --rl_samples=4 --rows=base,passage,sentences,self_edit,seal
+              --eval_data=data/knowledge/fictional-long-eval.json
+              --rounds=2 --rl_samples=4 --rl_temperature=0.8 --rows=base,passage,sentences,self_edit,seal
               --prompt=rewrite --se_max_tokens=192
               --inner_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --inner_lr=1e-3 --inner_epochs=10 --inner_batch=1 --eval_times=1 --answer_tokens=24
               --reward=sampled --answer_samples=8 --eval_batch=80 --sft_lr=1e-3 --sft_epochs=4 --sft_batch=2
