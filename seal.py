@@ -8,9 +8,9 @@ model on them (M-step, supervised, loss on the self-edit tokens), repeat. It is 
 cloning; there is no value function, no baseline subtraction and no policy gradient.
 
 This file holds what every domain shares and names none: the settings, the domain contract (Domain, Row), the
-model's one owner (Learner), the ReST-EM loop and the results table. Sampling lives in sampling.py, the run folder
-(resumable after kill -9) and torchrun's processes in run_folder.py, several runs' tables side by side in
-tools/compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
+model's one owner (Learner) and the ReST-EM loop. Sampling lives in sampling.py, the run folder (resumable after
+kill -9) and torchrun's processes in run_folder.py, the results table in report.py, several runs' tables side by
+side in tools/compare.py. A domain (domains/arc.py, domains/knowledge.py) subclasses Domain and calls run().
 
     python -m domains.arc run --split=tiny --out=runs/arc-tiny     # what `bash train.sh arc` calls
     python -m domains.knowledge run                                # what `bash train.sh knowledge` calls
@@ -26,6 +26,7 @@ import torch
 import checkpoint
 import lora
 import settings
+from report import report
 from run_folder import NEW_POLICY, PENDING, Progress, Ranks, RunFolder, fmt_time, hold_lock
 from sampling import generate_ids, sample_template
 
@@ -525,7 +526,7 @@ def run(cfg: RunConfig, domain_cls):
             table[step] = evaluate_row(folder, learner, domain, cfg, step, table, progress)
         else:
             rest_em_round(folder, learner, domain, cfg, step, progress)
-    return report(folder, cfg, domain, rows, table)
+    return report(folder, cfg, domain, rows, table, with_rounds=any(r.source == RL for r in rows))
 
 
 def rest_em_round(folder, learner, domain, cfg, r, progress=None):
@@ -547,66 +548,3 @@ def rest_em_round(folder, learner, domain, cfg, r, progress=None):
     if folder.round_state(r) == NEW_POLICY and not fine_tuned_here:  # a resumed round, or rank 0's M-step
         learner.load(str(folder.policy_dir(r)))
         print(f"[{phase}] policy loaded from {folder.policy_dir(r)}", flush=True)
-
-
-def round_summaries(folder, domain, rounds):
-    """Per ReST-EM round: how many sampled self-edits were valid and rewarded, what they and the kept ones chose
-    (the E-step's view of the policy, before its M-step), their metrics, and what the M-step did."""
-    out = []
-    for r in range(1, rounds + 1):
-        recs = [v for (phase, _, _), v in folder.done.items() if phase == f"rl{r}"]
-        if not recs:
-            break
-        kept = domain.select(recs)
-        out.append({"round": r, "samples": len(recs), "valid": sum(x["valid"] for x in recs),
-                    "rewarded": sum(x["reward"] for x in recs), "choices": domain.choices(recs),
-                    "metrics": domain.metrics(recs), "kept_choices": domain.choices(kept), "kept_metrics":
-                    domain.metrics(kept), "m_step": folder.m_step_record(r)})
-    return out
-
-
-def report(folder, cfg, domain, rows, records):
-    """The results table ({Row: records} summed per row), the rounds' summaries, written to the run folder and
-    printed beside the paper's numbers."""
-    table = []
-    for row in rows:
-        recs = records[row]
-        total = sum(r["weight"] for r in recs)  # a pooled record stands for all its items' questions
-        score = sum(r["score"] * r["weight"] for r in recs)
-        table.append({"row": row.key, "method": row.label, "score": score, "total": total,
-                      "rate": score / max(1, total), "paper": row.paper,
-                      "valid": sum(r["valid"] for r in recs), "choices": domain.choices(recs),
-                      "metrics": domain.metrics(recs)})
-    rounds = round_summaries(folder, domain, cfg.rounds) if any(r.source == RL for r in rows) else []
-    result = {"domain": type(domain).__name__, "model": cfg.model, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d"),
-              "config": cfg.fingerprint, "rows": table, "rounds": rounds}
-    if not folder.ranks.main:
-        return result
-    folder.write_results(result)
-    print(f"\n{'method':<44}{'ours':<20}paper")
-    for r in table:
-        ours = f"{r['rate'] * 100:.1f}% ({r['score']:.3g}/{r['total']:g})"
-        print(f"{r['method']:<44}{ours:<20}{r['paper']}")
-    for r in table:
-        if r["metrics"]:
-            print(f"{r['row']:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items()))
-    chose = lambda choices: "; ".join(f"{k} " + ", ".join(f"{v} x{n}" for v, n in sorted(c.items()))
-                                      for k, c in choices.items())
-    for r in table:
-        if any(r["choices"].values()):
-            print(f"{r['row']:>10} chose {chose(r['choices'])}")
-    for r in rounds:
-        for key, what in (("choices", "sampled"), ("kept_choices", "kept")):
-            if any(r[key].values()):
-                print(f"  rl{r['round']} {what:>7} {chose(r[key])}")
-        for key, what in (("metrics", "sampled"), ("kept_metrics", "kept")):
-            if r[key]:
-                print(f"  rl{r['round']} {what:>7}: " + ", ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
-    for r in rounds:
-        ms = r["m_step"]
-        what = (f"M-step on {ms['examples']}: {ms['steps']} steps, loss {ms['losses'][0]:.3g} -> "
-                f"{ms['losses'][-1]:.3g}" if ms and ms["losses"] else "no M-step, the policy is unchanged")
-        print(f"ReST-EM round {r['round']}: {r['valid']}/{r['samples']} valid self-edits, "
-              f"reward ({domain.reward_name}) sum {r['rewarded']:.3g}; {what}")
-    print(f"\nresults: {folder.results_file}; every self-edit: {folder.evals_file}")
-    return result
